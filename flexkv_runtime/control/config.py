@@ -1,0 +1,99 @@
+"""Build a CacheManager from a plain (or Hydra) config, failing early and clearly.
+
+The config names policies and capacities; this module resolves the names
+through the policy registry and turns capacities into blocks, so a bad name or
+an impossible capacity stops start-up with the valid choices in the message.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from flexkv_runtime.control.index import TierKind
+from flexkv_runtime.control.manager import CacheManager
+from flexkv_runtime.control.ops import DataPlane
+from flexkv_runtime.control.tiers import Tier, blocks_for_capacity
+from flexkv_runtime.policies.base import make_policy
+
+TIER_NAMES = {"cpu": TierKind.CPU, "ssd": TierKind.SSD, "remote": TierKind.REMOTE}
+
+
+def tier_capacity_blocks(name: str, spec: Mapping[str, Any] | int | None, block_bytes: int) -> int:
+    """Blocks a tier holds, from ``{capacity_blocks: N}``, ``{capacity_bytes: B}`` or a bare N."""
+    kind = TIER_NAMES[name]
+    if spec is None:
+        return 0
+    if isinstance(spec, int):
+        spec = {"capacity_blocks": spec}
+    blocks = spec.get("capacity_blocks")
+    nbytes = spec.get("capacity_bytes")
+    if blocks is not None and nbytes is not None:
+        raise ValueError(f"{name} tier: give capacity_blocks or capacity_bytes, not both")
+    if blocks is not None:
+        if int(blocks) <= 0:
+            raise ValueError(f"{name} tier capacity_blocks must be positive, got {blocks}")
+        return int(blocks)
+    if nbytes is not None:
+        return blocks_for_capacity(kind, int(nbytes), block_bytes)
+    raise ValueError(f"{name} tier needs capacity_blocks or capacity_bytes")
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers to dicts, without importing omegaconf here."""
+    to_container = getattr(type(obj), "to_container", None)
+    if to_container is None:
+        try:
+            from omegaconf import DictConfig, OmegaConf
+        except ImportError:  # pragma: no cover - omegaconf ships with hydra
+            return obj
+        return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, DictConfig) else obj
+    return obj
+
+
+def build_manager(
+    *,
+    tiers: Mapping[str, Any],
+    eviction: Any,
+    admission: Any = "always",
+    prefetch: Any = "none",
+    write_policy: str = "write_through",
+    selective_hits: int = 2,
+    data_plane: DataPlane,
+    clock: Callable[[], float],
+    block_bytes: int,
+    prefill_cost: Callable[[int], float] | None = None,
+    oracle: object | None = None,
+    allow_offline: bool = True,
+) -> CacheManager:
+    """``tiers`` maps ``cpu``/``ssd``/``remote`` to capacities; a tier with capacity 0 or None is absent."""
+    unknown = set(tiers) - set(TIER_NAMES)
+    if unknown:
+        raise ValueError(f"unknown tiers {sorted(unknown)}; valid choices: {sorted(TIER_NAMES)}")
+    eviction, admission, prefetch = _plain(eviction), _plain(admission), _plain(prefetch)
+    built = []
+    for name, spec in tiers.items():
+        spec = _plain(spec)
+        if spec in (None, 0) or (isinstance(spec, Mapping) and not any(spec.values())):
+            continue
+        blocks = tier_capacity_blocks(name, spec, block_bytes)
+        built.append(
+            Tier(
+                TIER_NAMES[name],
+                blocks,
+                make_policy("eviction", eviction, capacity_blocks=blocks),
+                make_policy("admission", admission),
+            )
+        )
+    kwargs = {} if prefill_cost is None else {"prefill_cost": prefill_cost}
+    return CacheManager(
+        built,
+        data_plane=data_plane,
+        clock=clock,
+        block_bytes=block_bytes,
+        write_policy=write_policy,
+        selective_hits=selective_hits,
+        prefetch=make_policy("prefetch", prefetch),
+        oracle=oracle,
+        allow_offline=allow_offline,
+        **kwargs,
+    )

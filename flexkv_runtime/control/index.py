@@ -1,0 +1,113 @@
+"""The prefix index: one record per block the hierarchy knows, linked to its parent.
+
+A record says which tiers hold the block (and in which slot), which of those
+copies are complete (``ready``), how many transfers or running requests use it
+(``pins``: a pinned block is never evicted), and what a policy needs to value it
+(depth in the prefix tree, access time and count, the prefill time its reuse
+saves). ``children[tier]`` counts resident children per tier so leaf-first
+policies can keep cached prefixes contiguous.
+"""
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from enum import IntEnum
+
+
+class TierKind(IntEnum):
+    """Tiers from fastest to slowest; also the bit index in ``Block.ready``."""
+
+    GPU = 0
+    CPU = 1
+    SSD = 2
+    REMOTE = 3
+
+
+NUM_TIERS = len(TierKind)
+
+
+class Block:
+    __slots__ = (
+        "key", "parent", "depth", "slots", "ready", "pins", "children",
+        "last_access", "hits", "prefill_cost_s",
+    )
+
+    def __init__(self, key: Hashable, parent: Block | None, prefill_cost_s: float) -> None:
+        self.key = key
+        self.parent = parent
+        self.depth = parent.depth + 1 if parent is not None else 0
+        #: tier -> slot of the copy there (present while in flight, too)
+        self.slots: dict[int, int] = {}
+        #: bit t set when the copy in tier t is complete and may be read
+        self.ready = 0
+        self.pins = 0
+        self.children = [0] * NUM_TIERS
+        self.last_access = 0.0
+        self.hits = 0
+        self.prefill_cost_s = prefill_cost_s
+
+    def in_tier(self, tier: int) -> bool:
+        return tier in self.slots
+
+    def ready_in(self, tier: int) -> bool:
+        return bool(self.ready >> tier & 1)
+
+    def __repr__(self) -> str:
+        tiers = ",".join(TierKind(t).name + ("" if self.ready_in(t) else "*") for t in sorted(self.slots))
+        return f"Block({self.key:#x}, depth={self.depth}, tiers=[{tiers}], pins={self.pins})"
+
+
+class PrefixIndex:
+    """Key -> Block, forgetting blocks no tier holds and nothing references."""
+
+    def __init__(self, prefill_cost: callable) -> None:
+        self._blocks: dict[Hashable, Block] = {}
+        self._prefill_cost = prefill_cost
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._blocks
+
+    def get(self, key: Hashable) -> Block | None:
+        return self._blocks.get(key)
+
+    def get_or_create(self, key: Hashable, parent: Block | None) -> Block:
+        block = self._blocks.get(key)
+        if block is None:
+            depth = parent.depth + 1 if parent is not None else 0
+            block = Block(key, parent, self._prefill_cost(depth))
+            self._blocks[key] = block
+        return block
+
+    def chain(self, keys: Sequence[Hashable], start: int) -> Block | None:
+        """The block just before ``start`` in a request's chain, if the index has it."""
+        return self._blocks.get(keys[start - 1]) if start > 0 else None
+
+    def attach(self, block: Block, tier: int, slot: int) -> None:
+        block.slots[tier] = slot
+        if block.parent is not None:
+            block.parent.children[tier] += 1
+
+    def detach(self, block: Block, tier: int) -> int:
+        """Drop the tier's copy and return its slot; forget the block if nothing holds it."""
+        slot = block.slots.pop(tier)
+        block.ready &= ~(1 << tier)
+        if block.parent is not None:
+            block.parent.children[tier] -= 1
+        self.forget_if_unused(block)
+        return slot
+
+    def forget_if_unused(self, block: Block | None) -> None:
+        while (
+            block is not None
+            and not block.slots
+            and block.pins == 0
+            and not any(block.children)
+            and self._blocks.get(block.key) is block
+        ):
+            del self._blocks[block.key]
+            block = block.parent
+
+    def blocks(self):
+        return self._blocks.values()

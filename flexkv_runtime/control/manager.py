@@ -1,0 +1,611 @@
+"""The control plane: the one cache manager the simulator, the runtime and the
+vLLM connector all drive.
+
+It decides, and only decides. Every operation returns at once: it updates the
+prefix index and the tiers, asks the policies, and hands transfer ops to the
+data plane it was given. Completions come back through ``complete``; the
+manager never waits, never sleeps and starts no threads, so a SimPy process and
+a connector thread can both own one.
+
+Block life cycle in a tier: attached (in flight, not readable) -> ready ->
+detached (evicted, failed or reset). A block with ``pins > 0`` is used by an
+op or a running request and is never evicted.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Hashable, Sequence
+from dataclasses import dataclass, field
+
+from flexkv_runtime.control.index import Block, PrefixIndex, TierKind
+from flexkv_runtime.control.ops import DataPlane, OpKind, TransferOp
+from flexkv_runtime.control.tiers import Tier
+from flexkv_runtime.policies.base import PolicyContext, PrefetchPolicy
+
+WRITE_POLICIES = ("write_through", "write_back", "selective")
+
+CPU = TierKind.CPU
+GPU = TierKind.GPU
+
+
+@dataclass(slots=True)
+class Lookup:
+    """Longest prefixes of a request's blocks that the hierarchy can serve."""
+
+    num_blocks: int
+    #: leading blocks whose data is complete in some managed tier: loadable now
+    ready_blocks: int
+    #: leading blocks present in some tier, complete or still in flight
+    pending_blocks: int
+    #: tier -> leading blocks complete in that very tier
+    per_tier: dict[TierKind, int]
+
+
+@dataclass(slots=True)
+class RequestDone:
+    """All loads (or all stores) of one request have finished."""
+
+    request_id: Hashable
+    kind: OpKind  # LOAD or STORE
+    failed_keys: list[Hashable]
+
+
+@dataclass
+class ManagerStats:
+    lookups: int = 0
+    block_accesses: int = 0
+    #: accesses that found the block in no tier
+    block_misses: int = 0
+    #: accesses that found the block, by the fastest tier that had it
+    block_hits: dict[str, int] = field(default_factory=dict)
+    ops_submitted: int = 0
+    ops_failed: int = 0
+    ops_cancelled: int = 0
+
+
+class CacheManager:
+    def __init__(
+        self,
+        tiers: Sequence[Tier],
+        *,
+        data_plane: DataPlane,
+        clock: Callable[[], float],
+        block_bytes: int,
+        write_policy: str = "write_through",
+        selective_hits: int = 2,
+        prefetch: PrefetchPolicy | None = None,
+        prefill_cost: Callable[[int], float] = lambda depth: float(depth + 1),
+        oracle: object | None = None,
+        allow_offline: bool = True,
+    ) -> None:
+        if write_policy not in WRITE_POLICIES:
+            raise ValueError(f"unknown write policy {write_policy!r}; valid choices: {list(WRITE_POLICIES)}")
+        kinds = [t.kind for t in tiers]
+        if CPU not in kinds:
+            raise ValueError("the hierarchy needs a CPU tier: every load and store goes through it")
+        if len(set(kinds)) != len(kinds) or GPU in kinds:
+            raise ValueError(f"tiers must be distinct managed tiers (CPU, SSD, REMOTE), got {[k.name for k in kinds]}")
+        self.data_plane = data_plane
+        self.clock = clock
+        self.block_bytes = block_bytes
+        self.write_policy = write_policy
+        self.selective_hits = selective_hits
+        self.prefetch = prefetch
+        self.index = PrefixIndex(prefill_cost)
+        self.tiers: dict[TierKind, Tier] = {t.kind: t for t in sorted(tiers, key=lambda t: t.kind)}
+        self.cpu = self.tiers[CPU]
+        self.lower = [t for k, t in self.tiers.items() if k > CPU]
+        self.stats = ManagerStats(block_hits={k.name: 0 for k in self.tiers})
+        self.waiting: dict[Hashable, Sequence[Hashable]] = {}
+        self.waiting_refs: dict[Hashable, int] = {}
+
+        for tier in self.tiers.values():
+            policy = tier.eviction
+            if policy.offline:
+                if not allow_offline:
+                    raise ValueError(
+                        f"eviction policy {policy.name!r} needs the future and is only allowed in replay "
+                        "and simulation; choose an online policy for the runtime"
+                    )
+                if oracle is None:
+                    raise ValueError(f"eviction policy {policy.name!r} needs an oracle of future accesses")
+            ctx = PolicyContext(clock=clock, waiting_refs=self.waiting_refs, oracle=oracle, tier=tier.kind.name)
+            policy.bind(ctx)
+            tier.admission.bind(ctx)
+        if prefetch is not None:
+            prefetch.bind(PolicyContext(clock=clock, waiting_refs=self.waiting_refs, oracle=oracle))
+
+        self._can_evict = {kind: self._evictable_in(kind) for kind in self.tiers}
+        self._next_op_id = 0
+        self._ops: dict[int, TransferOp] = {}
+        self._op_blocks: dict[int, list[Block]] = {}
+        self._held: dict[int, int] = {}  # op id -> ops it still waits for
+        self._dependents: dict[int, list[int]] = {}
+        self._upstream_failed: dict[int, set[Hashable]] = {}
+        self._request_ops: dict[tuple[Hashable, OpKind], set[int]] = {}
+        self._request_failed: dict[tuple[Hashable, OpKind], list[Hashable]] = {}
+
+    # ------------------------------------------------------------------ lookups
+
+    def _evictable_in(self, kind: TierKind) -> Callable[[Hashable], bool]:
+        bit = 1 << kind
+        get = self.index.get
+
+        def can_evict(key: Hashable) -> bool:
+            block = get(key)
+            return block is not None and block.pins == 0 and bool(block.ready & bit)
+
+        return can_evict
+
+    def lookup(self, keys: Sequence[Hashable], request_id: Hashable | None = None) -> Lookup:
+        """Longest servable prefix, overall and per tier; touches nothing.
+
+        With a prefetch policy and a request id, the policy may start promoting
+        the request's blocks from slower tiers (promote-on-lookup).
+        """
+        self.stats.lookups += 1
+        get = self.index.get
+        per_tier = dict.fromkeys(self.tiers, 0)
+        open_tiers = set(self.tiers)
+        ready = pending = 0
+        ready_open = True
+        for key in keys:
+            block = get(key)
+            if block is None or not block.slots:
+                break
+            pending += 1
+            if ready_open and block.ready:
+                ready += 1
+            else:
+                ready_open = False
+            for kind in list(open_tiers):
+                if block.ready >> kind & 1:
+                    per_tier[kind] += 1
+                else:
+                    open_tiers.discard(kind)
+        if self.prefetch is not None and request_id is not None:
+            self._promote(self.prefetch.on_lookup(request_id, keys))
+        return Lookup(len(keys), ready, pending, per_tier)
+
+    def should_wait(self, lookup: Lookup, waited_s: float) -> bool:
+        """Whether a request should keep waiting for its in-flight blocks (prefetch stop rule)."""
+        if lookup.pending_blocks <= lookup.ready_blocks or self.prefetch is None:
+            return False
+        return self.prefetch.should_wait(waited_s)
+
+    # -------------------------------------------------------------- queue events
+
+    def on_request_waiting(self, request_id: Hashable, keys: Sequence[Hashable]) -> None:
+        """A request joined the scheduler's queue: lookahead policies may now protect or prefetch its blocks."""
+        if request_id in self.waiting:
+            return
+        self.waiting[request_id] = keys
+        refs = self.waiting_refs
+        for key in keys:
+            refs[key] = refs.get(key, 0) + 1
+        if self.prefetch is not None:
+            self._promote(self.prefetch.on_waiting(list(self.waiting.items())))
+
+    def on_request_running(self, request_id: Hashable) -> None:
+        self._leave_queue(request_id)
+
+    def on_request_finished(self, request_id: Hashable) -> None:
+        self._leave_queue(request_id)
+
+    def _leave_queue(self, request_id: Hashable) -> None:
+        keys = self.waiting.pop(request_id, None)
+        if keys is None:
+            return
+        refs = self.waiting_refs
+        for key in keys:
+            left = refs[key] - 1
+            if left:
+                refs[key] = left
+            else:
+                del refs[key]
+
+    # -------------------------------------------------------------------- loads
+
+    def plan_load(
+        self,
+        request_id: Hashable,
+        keys: Sequence[Hashable],
+        start: int,
+        gpu_block_ids: Sequence[int],
+    ) -> int:
+        """Load ``keys[start:start+len(gpu_block_ids)]`` into the engine's blocks.
+
+        Blocks found only in a slower tier are promoted into the CPU tier first.
+        Returns how many blocks will be loaded: the plan stops at the first block
+        that is not ready anywhere or for which no CPU slot can be freed. Every
+        block of the plan is pinned until its op completes; ``RequestDone(LOAD)``
+        reports the end.
+        """
+        now = self.clock()
+        cpu, get = self.cpu, self.index.get
+        loaded: list[Block] = []
+        promotions: dict[TierKind, list[tuple[Block, int, int]]] = {}
+        waits: list[int] = []
+        for key in keys[start : start + len(gpu_block_ids)]:
+            block = get(key)
+            if block is None:
+                break
+            if block.ready & (1 << CPU):
+                cpu.stats.hits += 1
+                cpu.eviction.on_hit(key, block)
+                self.stats.block_hits[CPU.name] += 1
+            else:
+                source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
+                if source is None:
+                    break
+                block.pins += 1  # keep it while room is made for it
+                room = self._allocate(cpu)
+                block.pins -= 1
+                if room is None:
+                    break
+                slot, after = room
+                waits.extend(after)
+                self.index.attach(block, CPU, slot)
+                cpu.eviction.on_insert(key, block)
+                cpu.stats.inserts += 1
+                source.stats.hits += 1
+                source.eviction.on_hit(key, block)
+                self.stats.block_hits[source.kind.name] += 1
+                promotions.setdefault(source.kind, []).append((block, block.slots[source.kind], slot))
+            self.stats.block_accesses += 1
+            block.hits += 1
+            block.last_access = now
+            block.pins += 1  # held until the ops below take their own pins
+            loaded.append(block)
+        if not loaded:
+            return 0
+        for kind, moves in promotions.items():
+            blocks, src_slots, dst_slots = (list(x) for x in zip(*moves))
+            waits.append(self._new_op(OpKind.PROMOTE, kind, CPU, blocks, src_slots, dst_slots, request_id, waits))
+        cpu_slots = [b.slots[CPU] for b in loaded]
+        self._new_op(OpKind.LOAD, CPU, GPU, loaded, cpu_slots, list(gpu_block_ids[: len(loaded)]), request_id, waits)
+        for block in loaded:
+            block.pins -= 1
+        return len(loaded)
+
+    # ------------------------------------------------------------------- stores
+
+    def plan_store(
+        self,
+        request_id: Hashable,
+        keys: Sequence[Hashable],
+        gpu_block_ids: Sequence[int],
+        start: int = 0,
+        request_tokens: int = 0,
+    ) -> int:
+        """Offer ``keys[start:start+len(gpu_block_ids)]``, computed in the engine's blocks, to the CPU tier.
+
+        Every offered block counts as an access: one already cached is a hit and
+        is touched; a new one is admitted (admission policy, then a slot, evicting
+        if needed) and copied from the engine. After the first refusal no later
+        block of the request is stored, since a prefix with a hole is not
+        reusable past the hole. Returns the number of blocks being stored.
+        """
+        now = self.clock()
+        cpu, index = self.cpu, self.index
+        cpu_bit = 1 << CPU
+        hits = self.stats.block_hits
+        parent = index.chain(keys, start)
+        storing: list[Block] = []
+        engine_slots: list[int] = []
+        cpu_slots: list[int] = []
+        waits: list[int] = []
+        refused = False
+        for key, engine_slot in zip(keys[start:], gpu_block_ids):
+            block = index.get_or_create(key, parent)
+            parent = block
+            self.stats.block_accesses += 1
+            block.last_access = now
+            if CPU in block.slots:
+                block.hits += 1
+                cpu.stats.hits += 1
+                hits[CPU.name] += 1
+                if block.ready & cpu_bit:
+                    cpu.eviction.on_hit(key, block)
+                    if self.write_policy == "selective" and block.hits >= self.selective_hits:
+                        self._copy_down([block])
+                continue
+            source = next((t for t in self.lower if t.kind in block.slots), None)
+            if source is None:
+                self.stats.block_misses += 1
+            else:
+                block.hits += 1
+                source.stats.hits += 1
+                hits[source.kind.name] += 1
+                if block.ready >> source.kind & 1:
+                    source.eviction.on_hit(key, block)
+            if refused:
+                continue
+            room = self._admit(cpu, block, request_tokens)
+            if room is None:
+                refused = True
+                continue
+            slot, after = room
+            waits.extend(after)
+            index.attach(block, CPU, slot)
+            cpu.eviction.on_insert(key, block)
+            cpu.stats.inserts += 1
+            storing.append(block)
+            engine_slots.append(engine_slot)
+            cpu_slots.append(slot)
+        if storing:
+            self._new_op(OpKind.STORE, GPU, CPU, storing, engine_slots, cpu_slots, request_id, waits)
+        else:
+            index.forget_if_unused(parent)
+        return len(storing)
+
+    def _admit(self, tier: Tier, block: Block, request_tokens: int) -> tuple[int, list[int]] | None:
+        if not tier.admission.admit(block.key, block, request_tokens):
+            tier.stats.rejected += 1
+            return None
+        room = self._allocate(tier)
+        if room is None:
+            tier.stats.rejected += 1
+        return room
+
+    def _allocate(self, tier: Tier) -> tuple[int, list[int]] | None:
+        """A free slot of the tier, evicting one block if needed.
+
+        Returns the slot and the ops that must finish before it is overwritten
+        (a write-back demotion still reading the evicted block), or None when
+        every resident block is pinned or in flight.
+        """
+        slot = tier.take_free_slot()
+        if slot is not None:
+            return slot, []
+        key = tier.eviction.victim(self._can_evict[tier.kind])
+        if key is None:
+            return None
+        block = self.index.get(key)
+        tier.stats.evictions += 1
+        after = []
+        if self.write_policy == "write_back":
+            after = self._copy_down([block], source=tier, next_only=True)
+        return self.index.detach(block, tier.kind), after
+
+    def _copy_down(self, blocks: list[Block], source: Tier | None = None, next_only: bool = False) -> list[int]:
+        """Copy ready blocks from ``source`` (the CPU tier) into the slower tiers that lack them.
+
+        Returns the ids of the ops started. ``next_only`` restricts the copy to
+        the tier just below (write-back demotion on eviction).
+        """
+        source = source or self.cpu
+        targets = [t for t in self.tiers.values() if t.kind > source.kind]
+        if next_only:
+            targets = targets[:1]
+        started = []
+        for target in targets:
+            moving: list[Block] = []
+            dst_slots: list[int] = []
+            waits: list[int] = []
+            for block in blocks:
+                if target.kind in block.slots or not block.ready >> source.kind & 1:
+                    continue
+                block.pins += 1  # not to be chosen as the victim that makes its own room
+                room = self._admit(target, block, 0)
+                block.pins -= 1
+                if room is None:
+                    continue
+                slot, after = room
+                waits.extend(after)
+                self.index.attach(block, target.kind, slot)
+                target.eviction.on_insert(block.key, block)
+                target.stats.inserts += 1
+                moving.append(block)
+                dst_slots.append(slot)
+            if moving:
+                src_slots = [b.slots[source.kind] for b in moving]
+                started.append(
+                    self._new_op(OpKind.DEMOTE, source.kind, target.kind, moving, src_slots, dst_slots, None, waits)
+                )
+        return started
+
+    def _promote(self, keys: Sequence[Hashable]) -> None:
+        """Bring ready blocks from slower tiers into the CPU tier in the background (prefetch)."""
+        get = self.index.get
+        moves: dict[TierKind, list[tuple[Block, int, int]]] = {}
+        waits: list[int] = []
+        for key in keys:
+            block = get(key)
+            if block is None or CPU in block.slots:
+                continue
+            source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
+            if source is None:
+                continue
+            block.pins += 1
+            room = self._allocate(self.cpu)
+            block.pins -= 1
+            if room is None:
+                break
+            slot, after = room
+            waits.extend(after)
+            self.index.attach(block, CPU, slot)
+            self.cpu.eviction.on_insert(key, block)
+            self.cpu.stats.inserts += 1
+            moves.setdefault(source.kind, []).append((block, block.slots[source.kind], slot))
+        for kind, items in moves.items():
+            blocks, src_slots, dst_slots = (list(x) for x in zip(*items))
+            self._new_op(OpKind.PROMOTE, kind, CPU, blocks, src_slots, dst_slots, None, waits)
+
+    # ---------------------------------------------------------------------- ops
+
+    def _new_op(
+        self,
+        kind: OpKind,
+        src: TierKind,
+        dst: TierKind,
+        blocks: list[Block],
+        src_slots: list[int],
+        dst_slots: list[int],
+        request_id: Hashable | None,
+        after: Sequence[int],
+    ) -> int:
+        op_id = self._next_op_id
+        self._next_op_id += 1
+        op = TransferOp(op_id, kind, src, dst, [b.key for b in blocks], src_slots, dst_slots, self.block_bytes,
+                        request_id, [a for a in after if a in self._ops])
+        for block in blocks:
+            block.pins += 1
+        self._ops[op_id] = op
+        self._op_blocks[op_id] = blocks
+        if request_id is not None:
+            self._request_ops.setdefault((request_id, _group(kind)), set()).add(op_id)
+        if op.after:
+            self._held[op_id] = len(op.after)
+            for dep in op.after:
+                self._dependents.setdefault(dep, []).append(op_id)
+        else:
+            self._submit(op)
+        return op_id
+
+    def _submit(self, op: TransferOp) -> None:
+        self.stats.ops_submitted += 1
+        self.data_plane.submit(op)
+
+    def complete(self, op_id: int, failed_keys: Collection[Hashable] = ()) -> list[RequestDone]:
+        """The data plane finished an op; ``failed_keys`` are the blocks it could not move.
+
+        A block that failed to be read from a slower tier (checksum, missing
+        file) is dropped from that tier: it is never served. Returns the
+        requests whose loads or stores are now all done.
+        """
+        op = self._ops[op_id]
+        failed = set(failed_keys)
+        if failed:
+            self.stats.ops_failed += 1
+        return self._finish(op, failed, source_suspect=True)
+
+    def _finish(self, op: TransferOp, failed: set[Hashable], source_suspect: bool) -> list[RequestDone]:
+        del self._ops[op.op_id]
+        blocks = self._op_blocks.pop(op.op_id)
+        self._held.pop(op.op_id, None)
+        src_tier, dst_tier = self.tiers.get(op.src), self.tiers.get(op.dst)
+        nbytes = self.block_bytes
+        done: list[Block] = []
+        for block in blocks:
+            block.pins -= 1
+            if block.key in failed:
+                if dst_tier is not None and dst_tier.kind in block.slots and not block.ready_in(dst_tier.kind):
+                    self._drop(dst_tier, block)
+                    dst_tier.stats.failed += 1
+                if source_suspect and src_tier is not None and src_tier.kind != CPU and src_tier.kind in block.slots:
+                    self._drop(src_tier, block)
+                    src_tier.stats.failed += 1
+            else:
+                if dst_tier is not None:
+                    block.ready |= 1 << dst_tier.kind
+                    dst_tier.stats.bytes_in += nbytes
+                if src_tier is not None:
+                    src_tier.stats.bytes_out += nbytes
+                done.append(block)
+            self.index.forget_if_unused(block)
+        if op.kind is OpKind.STORE and done and self.write_policy == "write_through" and self.lower:
+            self._copy_down(done)
+
+        events: list[RequestDone] = []
+        for dependent in self._dependents.pop(op.op_id, ()):
+            if dependent not in self._ops:
+                continue
+            if failed:
+                self._upstream_failed.setdefault(dependent, set()).update(failed)
+            self._held[dependent] -= 1
+            if self._held[dependent] == 0:
+                events.extend(self._release(self._ops[dependent]))
+        if op.request_id is not None:
+            events.extend(self._account(op, failed))
+        return events
+
+    def _release(self, op: TransferOp) -> list[RequestDone]:
+        """Submit an op whose prerequisites are done; a load loses everything from its first failed block on."""
+        del self._held[op.op_id]
+        failed = self._upstream_failed.pop(op.op_id, set())
+        if op.kind is OpKind.LOAD and failed:
+            cut = next((i for i, key in enumerate(op.keys) if key in failed), len(op.keys))
+            lost = set(op.keys[cut:])
+            if cut == 0:
+                return self._finish(op, lost, source_suspect=False)
+            blocks = self._op_blocks[op.op_id]
+            for block in blocks[cut:]:
+                block.pins -= 1
+                self.index.forget_if_unused(block)
+            self._op_blocks[op.op_id] = blocks[:cut]
+            del op.keys[cut:], op.src_slots[cut:], op.dst_slots[cut:]
+            self._request_failed.setdefault((op.request_id, OpKind.LOAD), []).extend(lost)
+        self._submit(op)
+        return []
+
+    def _account(self, op: TransferOp, failed: set[Hashable]) -> list[RequestDone]:
+        group = (op.request_id, _group(op.kind))
+        if failed:
+            self._request_failed.setdefault(group, []).extend(k for k in op.keys if k in failed)
+        pending = self._request_ops.get(group)
+        if pending is None:
+            return []
+        pending.discard(op.op_id)
+        if pending:
+            return []
+        del self._request_ops[group]
+        failed_keys = list(dict.fromkeys(self._request_failed.pop(group, [])))  # a block can fail upstream and here
+        return [RequestDone(op.request_id, group[1], failed_keys)]
+
+    def _drop(self, tier: Tier, block: Block) -> None:
+        tier.eviction.on_remove(block.key)
+        tier.release_slot(self.index.detach(block, tier.kind))
+
+    def cancel(self, request_id: Hashable) -> bool:
+        """Drop the request's ops that have not started and release their pins.
+
+        Returns True when nothing of the request is still moving; otherwise the
+        running ops complete normally and their ``RequestDone`` still comes.
+        """
+        all_stopped = True
+        for kind in (OpKind.LOAD, OpKind.STORE):
+            group = (request_id, kind)
+            for op_id in sorted(self._request_ops.get(group, ())):
+                op = self._ops.get(op_id)
+                if op is None:
+                    continue
+                if op_id in self._held or self.data_plane.cancel(op_id):
+                    self.stats.ops_cancelled += 1
+                    self._request_ops[group].discard(op_id)
+                    self._finish(op, set(op.keys), source_suspect=False)
+                else:
+                    all_stopped = False
+            if not self._request_ops.get(group):
+                self._request_ops.pop(group, None)
+                self._request_failed.pop(group, None)
+        self._leave_queue(request_id)
+        return all_stopped
+
+    # ------------------------------------------------------------------- admin
+
+    @property
+    def ops_in_flight(self) -> int:
+        return len(self._ops)
+
+    def pinned_blocks(self) -> int:
+        return sum(1 for b in self.index.blocks() if b.pins)
+
+    def reset(self) -> int:
+        """Forget every block no op is using (``reset_cache``); returns how many copies were dropped."""
+        dropped = 0
+        for block in list(self.index.blocks()):
+            if block.pins:
+                continue
+            for kind in sorted(block.slots, reverse=True):
+                if block.ready_in(kind):
+                    self._drop(self.tiers[kind], block)
+                    dropped += 1
+        return dropped
+
+    def occupancy(self) -> dict[str, int]:
+        return {k.name: t.used_blocks for k, t in self.tiers.items()}
+
+
+def _group(kind: OpKind) -> OpKind:
+    """Loads and the promotions feeding them finish a request's load; stores its store."""
+    return OpKind.STORE if kind is OpKind.STORE else OpKind.LOAD

@@ -1,0 +1,67 @@
+"""A managed tier: a fixed number of block slots, an eviction policy and an
+admission policy. Capacity is given in bytes and turned into whole blocks."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from flexkv_runtime.control.index import TierKind
+from flexkv_runtime.policies.base import AdmissionPolicy, EvictionPolicy
+
+
+@dataclass
+class TierStats:
+    hits: int = 0  # block accesses that found the block here (first tier that had it)
+    misses: int = 0  # block accesses that found it in no tier at or above... see manager
+    inserts: int = 0
+    evictions: int = 0
+    rejected: int = 0  # refused by admission or for lack of an evictable slot
+    failed: int = 0  # transfers into or out of this tier that failed
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def blocks_for_capacity(kind: TierKind, capacity_bytes: int, block_bytes: int) -> int:
+    """Whole blocks that fit, with an error that names the tier when none does."""
+    if block_bytes <= 0:
+        raise ValueError(f"block size must be positive, got {block_bytes} bytes")
+    if capacity_bytes <= 0:
+        raise ValueError(f"{kind.name} tier capacity must be positive, got {capacity_bytes} bytes")
+    blocks = capacity_bytes // block_bytes
+    if blocks == 0:
+        raise ValueError(
+            f"{kind.name} tier of {capacity_bytes} bytes cannot hold one block of {block_bytes} bytes"
+        )
+    return blocks
+
+
+class Tier:
+    def __init__(
+        self, kind: TierKind, capacity_blocks: int, eviction: EvictionPolicy, admission: AdmissionPolicy
+    ) -> None:
+        if capacity_blocks <= 0:
+            raise ValueError(f"{kind.name} tier needs at least one block, got capacity {capacity_blocks}")
+        self.kind = kind
+        self.capacity_blocks = capacity_blocks
+        self.eviction = eviction
+        self.admission = admission
+        self.stats = TierStats()
+        self._free = list(range(capacity_blocks - 1, -1, -1))
+
+    @property
+    def used_blocks(self) -> int:
+        return self.capacity_blocks - len(self._free)
+
+    def take_free_slot(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def release_slot(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def __repr__(self) -> str:
+        return (
+            f"Tier({self.kind.name}, {self.used_blocks}/{self.capacity_blocks} blocks, "
+            f"eviction={self.eviction.name}, admission={self.admission.name})"
+        )

@@ -1,0 +1,161 @@
+"""Timing-free replay: a workload through the control plane, one request at a time.
+
+Each request looks up its blocks, loads the longest ready prefix (promoting from
+slower tiers through the CPU tier) and then offers the rest for storing, exactly
+the calls the simulator and the vLLM connector make, with a data plane that
+completes every op at once. The hit ratios are therefore those of the real
+control plane with no timing effects, and block-level figures match a
+demand-paging cache simulator (libCacheSim) fed the same block stream.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flexkv_runtime.control.config import build_manager
+from flexkv_runtime.control.keys import BlockKeyer, Namespace
+from flexkv_runtime.control.manager import CacheManager
+from flexkv_runtime.control.ops import ImmediateDataPlane
+from flexkv_runtime.control.oracle import FutureOracle
+from flexkv_runtime.policies.base import policy_class
+from flexkv_sim.workloads.request import Workload
+
+
+@dataclass
+class ReplayResult:
+    policy: str
+    capacity_blocks: int
+    ssd_capacity_blocks: int
+    requests: int
+    block_refs: int
+    unique_blocks: int
+    block_hit_ratio: float
+    block_hit_ratio_by_tier: dict[str, float]
+    prefix_token_hit_ratio: float
+    prompt_tokens: int
+    prefix_hit_tokens: int
+    evictions: int
+    wall_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(out.pop("extra"))
+        return out
+
+
+def workload_keys(workload: Workload, namespace: Namespace | None = None) -> list[list[int]]:
+    keyer = BlockKeyer(namespace or Namespace(), workload.tokens_per_block)
+    return [keyer.from_hash_ids(r.block_ids) for r in workload.requests]
+
+
+def _policy_name(spec: Any) -> str:
+    return spec if isinstance(spec, str) else str(spec["name"])
+
+
+def replay(
+    workload: Workload,
+    *,
+    capacity_blocks: int,
+    ssd_capacity_blocks: int = 0,
+    eviction: Any = "lru",
+    admission: Any = "always",
+    prefetch: Any = "none",
+    write_policy: str = "write_through",
+    keys: list[list[int]] | None = None,
+    progress: bool = False,
+) -> ReplayResult:
+    """Replay ``workload`` through a fresh CacheManager and return its hit figures."""
+    keys = keys if keys is not None else workload_keys(workload)
+    offline = policy_class("eviction", _policy_name(eviction)).offline
+    oracle = FutureOracle(keys) if offline else None
+    now = [0.0]
+    data_plane = ImmediateDataPlane()
+    manager = build_manager(
+        tiers={"cpu": capacity_blocks, "ssd": ssd_capacity_blocks},
+        eviction=eviction,
+        admission=admission,
+        prefetch=prefetch,
+        write_policy=write_policy,
+        data_plane=data_plane,
+        clock=lambda: now[0],
+        block_bytes=1,
+        oracle=oracle,
+    )
+
+    def settle() -> None:
+        while ops := data_plane.drain():
+            for op in ops:
+                manager.complete(op.op_id)
+
+    requests = workload.requests
+    iterator = range(len(requests))
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc=f"replay {_policy_name(eviction)}", unit="req", mininterval=0.5)
+    tpb = workload.tokens_per_block
+    prompt_tokens = hit_tokens = 0
+    started = time.perf_counter()
+    for i in iterator:
+        request, request_keys = requests[i], keys[i]
+        now[0] = request.arrival_s
+        if oracle is not None:
+            oracle.begin(i)
+        manager.on_request_waiting(i, request_keys)
+        found = manager.lookup(request_keys, request_id=i)
+        manager.on_request_running(i)
+        loaded = manager.plan_load(i, request_keys, 0, range(found.ready_blocks))
+        settle()
+        manager.plan_store(i, request_keys, range(loaded, len(request_keys)), start=loaded,
+                           request_tokens=request.input_length)
+        settle()
+        manager.on_request_finished(i)
+        prompt_tokens += request.input_length
+        hit_tokens += min(loaded * tpb, request.input_length)
+    wall = time.perf_counter() - started
+    return summarize(manager, workload, _policy_name(eviction), capacity_blocks, ssd_capacity_blocks,
+                     prompt_tokens, hit_tokens, wall)
+
+
+def summarize(
+    manager: CacheManager,
+    workload: Workload,
+    policy: str,
+    capacity_blocks: int,
+    ssd_capacity_blocks: int,
+    prompt_tokens: int,
+    hit_tokens: int,
+    wall_s: float,
+) -> ReplayResult:
+    stats = manager.stats
+    accesses = max(stats.block_accesses, 1)
+    by_tier = {tier: hits / accesses for tier, hits in stats.block_hits.items()}
+    return ReplayResult(
+        policy=policy,
+        capacity_blocks=capacity_blocks,
+        ssd_capacity_blocks=ssd_capacity_blocks,
+        requests=len(workload),
+        block_refs=stats.block_accesses,
+        unique_blocks=workload.num_unique_blocks(),
+        block_hit_ratio=sum(stats.block_hits.values()) / accesses,
+        block_hit_ratio_by_tier=by_tier,
+        prefix_token_hit_ratio=hit_tokens / max(prompt_tokens, 1),
+        prompt_tokens=prompt_tokens,
+        prefix_hit_tokens=hit_tokens,
+        evictions=sum(t.stats.evictions for t in manager.tiers.values()),
+        wall_s=wall_s,
+    )
+
+
+def capacity_from_fraction(workload: Workload, fraction: float) -> int:
+    """Capacity in blocks as a fraction of the workload's unique blocks (at least one)."""
+    if fraction <= 0:
+        raise ValueError(f"capacity fraction must be positive, got {fraction}")
+    return max(1, round(workload.num_unique_blocks() * fraction))
+
+
+def policy_label(spec: Mapping[str, Any] | str) -> str:
+    return _policy_name(spec)

@@ -1,0 +1,216 @@
+"""The control plane's contract, op by op, with completions driven by the test."""
+import pytest
+
+from flexkv_runtime.control.config import build_manager
+from flexkv_runtime.control.index import TierKind
+from flexkv_runtime.control.ops import ImmediateDataPlane, OpKind
+from flexkv_runtime.control.oracle import FutureOracle
+
+CPU, SSD = TierKind.CPU, TierKind.SSD
+
+
+def test_store_is_in_flight_until_complete_then_ready(harness):
+    h = harness(tiers={"cpu": 8})
+    assert h.mgr.plan_store("r", [1, 2, 3], [5, 6, 7]) == 3
+    [op] = h.take()
+    assert (op.kind, op.src, op.dst, op.src_slots) == (OpKind.STORE, TierKind.GPU, CPU, [5, 6, 7])
+    found = h.mgr.lookup([1, 2, 3])
+    assert (found.ready_blocks, found.pending_blocks) == (0, 3)
+    [done] = h.finish(op)
+    assert (done.request_id, done.kind, done.failed_keys) == ("r", OpKind.STORE, [])
+    found = h.mgr.lookup([1, 2, 3, 4])
+    assert (found.ready_blocks, found.pending_blocks, found.per_tier[CPU]) == (3, 3, 3)
+
+
+def test_load_pins_blocks_until_done_and_eviction_skips_them(harness):
+    h = harness(tiers={"cpu": 3})
+    h.store("a", [1, 2, 3])
+    assert h.mgr.plan_load("b", [1, 2, 3], 0, [0, 1, 2]) == 3
+    [load] = h.take()
+    assert load.kind is OpKind.LOAD and load.dst_slots == [0, 1, 2]
+    # every resident block is pinned by the load: a new store finds no room
+    assert h.mgr.plan_store("c", [9], [0]) == 0
+    assert h.mgr.cpu.stats.rejected == 1
+    [done] = h.finish(load)
+    assert done.kind is OpKind.LOAD and h.mgr.pinned_blocks() == 0
+    n, _ = h.store("c", [9])
+    assert n == 1 and 9 in h.resident("CPU")
+
+
+def test_lru_eviction_order_through_manager(harness):
+    h = harness(tiers={"cpu": 3})
+    h.store("a", [1, 2, 3])
+    h.mgr.plan_load("b", [1], 0, [0])
+    h.settle()
+    h.store("c", [7])  # evicts 2, the least recently used
+    assert h.resident("CPU") == [1, 3, 7]
+    assert h.mgr.cpu.stats.evictions == 1
+
+
+def test_write_through_cascades_to_ssd_and_loads_promote_back(harness):
+    h = harness(tiers={"cpu": 2, "ssd": 10}, write_policy="write_through")
+    h.store("a", [1, 2])
+    assert h.resident("SSD") == [1, 2]
+    h.store("b", [3, 4])  # pushes 1, 2 out of the CPU tier; SSD keeps them
+    assert h.resident("CPU") == [3, 4] and h.resident("SSD") == [1, 2, 3, 4]
+    found = h.mgr.lookup([1, 2, 5])
+    assert found.ready_blocks == 2 and found.per_tier[CPU] == 0 and found.per_tier[SSD] == 2
+    assert h.mgr.plan_load("c", [1, 2], 0, [40, 41]) == 2
+    ops = h.take()
+    assert [o.kind for o in ops] == [OpKind.PROMOTE]  # the load waits for the promotion
+    [promote] = ops
+    assert (promote.src, promote.dst) == (SSD, CPU)
+    assert h.finish(promote) == []
+    [load] = h.take()
+    assert load.kind is OpKind.LOAD and load.after == [promote.op_id]
+    [done] = h.finish(load)
+    assert done.kind is OpKind.LOAD and done.failed_keys == []
+    assert h.mgr.stats.block_hits["SSD"] == 2
+
+
+def test_corrupt_ssd_block_fails_the_load_from_there_on_and_is_dropped(harness):
+    h = harness(tiers={"cpu": 3, "ssd": 10})
+    h.store("a", [1, 2, 3])
+    h.store("b", [7, 8, 9])  # 1, 2, 3 now only on SSD
+    assert h.mgr.plan_load("c", [1, 2, 3], 0, [0, 1, 2]) == 3
+    [promote] = h.take()
+    h.finish(promote, failed=[2])  # block 2's checksum failed
+    [load] = h.take()
+    assert load.keys == [1]  # nothing past the hole is loaded
+    [done] = h.finish(load)
+    assert sorted(done.failed_keys) == [2, 3]
+    assert 2 not in h.resident("SSD") and 2 not in h.resident("CPU")
+    assert h.mgr.lookup([1, 2, 3]).ready_blocks == 1
+    assert h.mgr.pinned_blocks() == 0 and h.mgr.ops_in_flight == 0
+
+
+def test_write_back_demotes_on_eviction_before_the_slot_is_reused(harness):
+    h = harness(tiers={"cpu": 2, "ssd": 10}, write_policy="write_back")
+    h.store("a", [1, 2])
+    assert h.resident("SSD") == []  # nothing goes down until evicted
+    assert h.mgr.plan_store("b", [3], [0]) == 1
+    ops = h.take()
+    assert [o.kind for o in ops] == [OpKind.DEMOTE]
+    [demote] = ops
+    assert demote.keys == [1] and demote.src == CPU and demote.dst == SSD
+    h.finish(demote)
+    [store] = h.take()
+    assert store.after == [demote.op_id] and store.dst_slots == demote.src_slots  # same slot, reused after
+    h.finish(store)
+    assert h.resident("SSD") == [1] and h.resident("CPU") == [2, 3]
+
+
+def test_selective_writes_to_ssd_after_enough_hits(harness):
+    h = harness(tiers={"cpu": 4, "ssd": 10}, write_policy="selective", selective_hits=2)
+    h.store("a", [1])
+    h.store("b", [1])
+    assert h.resident("SSD") == []
+    h.store("c", [1])
+    assert h.resident("SSD") == [1]
+
+
+def test_cancel_drops_unstarted_ops_and_releases_every_pin(harness):
+    h = harness(tiers={"cpu": 3, "ssd": 10})
+    h.store("a", [1, 2, 3])
+    h.store("b", [4, 5, 6])
+    h.mgr.plan_load("c", [1, 2], 0, [0, 1])  # promote (submitted, not started) + held load
+    assert h.mgr.pinned_blocks() == 2
+    assert h.mgr.cancel("c") is True
+    assert h.mgr.pinned_blocks() == 0 and h.mgr.ops_in_flight == 0
+    assert h.take() == []
+    assert h.resident("SSD") == [1, 2, 3, 4, 5, 6]
+
+
+def test_cancel_leaves_started_ops_to_finish(harness):
+    h = harness(tiers={"cpu": 4})
+    h.store("a", [1, 2])
+    h.mgr.plan_load("c", [1, 2], 0, [0, 1])
+    [load] = h.take()  # started: the data plane can no longer drop it
+    assert h.mgr.cancel("c") is False
+    [done] = h.finish(load)
+    assert done.request_id == "c" and h.mgr.pinned_blocks() == 0
+
+
+def test_a_refused_block_stops_storing_the_rest_of_the_prefix(harness):
+    h = harness(tiers={"cpu": 2})
+    h.mgr.plan_store("a", [1, 2, 3, 4], [0, 1, 2, 3])  # room for two, both in flight
+    [op] = h.take()
+    assert op.keys == [1, 2]
+    h.finish(op)
+
+
+def test_reset_forgets_everything_unpinned(harness):
+    h = harness(tiers={"cpu": 4, "ssd": 4})
+    h.store("a", [1, 2])
+    h.mgr.plan_load("b", [1], 0, [0])
+    assert h.mgr.reset() == 2  # block 2 in both tiers; block 1 pinned by the load
+    assert h.resident("CPU") == [1]
+    h.settle()
+    assert h.mgr.lookup([1, 2]).ready_blocks == 1
+
+
+def test_queue_events_count_waiting_references(harness):
+    h = harness(tiers={"cpu": 4})
+    h.mgr.on_request_waiting("a", [1, 2])
+    h.mgr.on_request_waiting("b", [1, 3])
+    assert h.mgr.waiting_refs == {1: 2, 2: 1, 3: 1}
+    h.mgr.on_request_running("a")
+    h.mgr.on_request_finished("b")
+    assert h.mgr.waiting_refs == {} and h.mgr.waiting == {}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(tiers={"cpu": 4}, eviction="nope"), "valid choices"),
+        (dict(tiers={"cpu": 4}, admission="nope"), "valid choices"),
+        (dict(tiers={"cpu": 4}, prefetch="nope"), "valid choices"),
+        (dict(tiers={"cpu": 4}, write_policy="nope"), "valid choices"),
+        (dict(tiers={"cpu": -3}), "must be positive"),
+        (dict(tiers={"cpu": {"capacity_bytes": 5}}), "cannot hold one block"),
+        (dict(tiers={"cpu": {"capacity_bytes": 0}}), None),
+        (dict(tiers={"gpu": 4}), "valid choices"),
+        (dict(tiers={"ssd": 4}), "needs a CPU tier"),
+        (dict(tiers={"cpu": 4}, eviction={"name": "lru", "bogus": 1}), "bad parameters"),
+    ],
+)
+def test_bad_configs_fail_at_start_with_a_clear_message(kwargs, message):
+    kwargs.setdefault("eviction", "lru")
+    with pytest.raises(ValueError) as err:
+        build_manager(data_plane=ImmediateDataPlane(), clock=lambda: 0.0, block_bytes=10, **kwargs)
+    if message:
+        assert message in str(err.value)
+
+
+def test_unknown_policy_lists_the_valid_ones():
+    with pytest.raises(ValueError, match=r"lru"):
+        build_manager(tiers={"cpu": 4}, eviction="lruu", data_plane=ImmediateDataPlane(), clock=lambda: 0.0,
+                      block_bytes=1)
+
+
+def test_belady_needs_an_oracle_and_is_refused_by_the_runtime():
+    common = dict(tiers={"cpu": 4}, eviction="belady", data_plane=ImmediateDataPlane(), clock=lambda: 0.0,
+                  block_bytes=1)
+    with pytest.raises(ValueError, match="oracle"):
+        build_manager(**common)
+    with pytest.raises(ValueError, match="only allowed in replay and simulation"):
+        build_manager(**common, oracle=FutureOracle([[1]]), allow_offline=False)
+
+
+def test_belady_keeps_the_block_needed_soonest(harness):
+    streams = [[1], [2], [3], [1], [2], [1]]
+    oracle = FutureOracle(streams)
+    h = harness(tiers={"cpu": 2}, eviction="belady", oracle=oracle)
+    lru = harness(tiers={"cpu": 2}, eviction="lru")
+    for i, keys in enumerate(streams):
+        lru.store(i, keys)
+        oracle.begin(i)
+        found = h.mgr.lookup(keys)
+        loaded = h.mgr.plan_load(i, keys, 0, range(found.ready_blocks))
+        h.settle()
+        h.mgr.plan_store(i, keys, range(len(keys) - loaded), start=loaded)
+        h.settle()
+        if i == 2:  # block 3 came in: 1 (next used at 3) stays, 2 (next used at 4) goes
+            assert h.resident("CPU") == [1, 3]
+    assert h.mgr.stats.block_hits["CPU"] == 2  # requests 3 and 5; the optimum for this stream
+    assert lru.mgr.stats.block_hits["CPU"] == 1
