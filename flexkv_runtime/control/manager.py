@@ -602,6 +602,39 @@ class CacheManager:
                     dropped += 1
         return dropped
 
+    def adopt(self, kind: TierKind, entries: Sequence[tuple[Hashable, Hashable | None, int]]) -> int:
+        """Take in blocks a persistent tier already holds (an SSD directory after a restart).
+
+        ``entries`` are ``(key, parent_key, slot)`` in any order; parents are
+        linked when known. Returns how many blocks were adopted; slots the tier
+        cannot take (out of range, duplicates) are skipped.
+        """
+        tier = self.tiers[kind]
+        by_key = {key: (parent, slot) for key, parent, slot in entries}
+        adopted = 0
+
+        def place(key: Hashable) -> Block:
+            nonlocal adopted
+            block = self.index.get(key)
+            if block is not None:
+                return block
+            parent_key, slot = by_key[key]
+            parent = place(parent_key) if parent_key in by_key else None
+            block = self.index.get_or_create(key, parent)
+            try:
+                tier.take_slot(slot)
+            except ValueError:
+                return block
+            self.index.attach(block, kind, slot)
+            block.ready |= 1 << kind
+            tier.eviction.on_insert(key, block)
+            adopted += 1
+            return block
+
+        for key in by_key:
+            place(key)
+        return adopted
+
     def occupancy(self) -> dict[str, int]:
         return {k.name: t.used_blocks for k, t in self.tiers.items()}
 

@@ -57,6 +57,13 @@ class Tier:
     def take_free_slot(self) -> int | None:
         return self._free.pop() if self._free else None
 
+    def take_slot(self, slot: int) -> None:
+        """Claim one particular free slot (a block found on disk after a restart)."""
+        try:
+            self._free.remove(slot)
+        except ValueError:
+            raise ValueError(f"{self.kind.name} slot {slot} is not free or out of range") from None
+
     def release_slot(self, slot: int) -> None:
         self._free.append(slot)
 

@@ -214,3 +214,13 @@ def test_belady_keeps_the_block_needed_soonest(harness):
             assert h.resident("CPU") == [1, 3]
     assert h.mgr.stats.block_hits["CPU"] == 2  # requests 3 and 5; the optimum for this stream
     assert lru.mgr.stats.block_hits["CPU"] == 1
+
+
+def test_adopt_takes_in_persisted_blocks_with_their_prefix_links(harness):
+    h = harness(tiers={"cpu": 2, "ssd": 8}, eviction="lru")
+    # children listed before parents, one slot out of range
+    assert h.mgr.adopt(SSD, [(3, 2, 5), (2, 1, 4), (1, None, 0), (9, None, 99)]) == 3
+    assert h.mgr.lookup([1, 2, 3]).per_tier[SSD] == 3
+    assert h.mgr.index.get(3).depth == 2 and h.mgr.index.get(1).children[SSD] == 1
+    assert h.mgr.tiers[SSD].used_blocks == 3
+    assert h.mgr.plan_load("r", [1, 2], 0, [0, 1]) == 2
