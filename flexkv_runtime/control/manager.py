@@ -339,10 +339,14 @@ class CacheManager:
         return len(storing)
 
     def _admit(self, tier: Tier, block: Block, request_tokens: int) -> tuple[int, list[int]] | None:
+        """Admission, then room for ``block``; it is pinned meanwhile so making room
+        cannot evict it, nor forget its record when the victim is its last child."""
         if not tier.admission.admit(block.key, block, request_tokens):
             tier.stats.rejected += 1
             return None
+        block.pins += 1
         room = self._allocate(tier)
+        block.pins -= 1
         if room is None:
             tier.stats.rejected += 1
         return room
@@ -385,9 +389,7 @@ class CacheManager:
             for block in blocks:
                 if target.kind in block.slots or not block.ready >> source.kind & 1:
                     continue
-                block.pins += 1  # not to be chosen as the victim that makes its own room
                 room = self._admit(target, block, 0)
-                block.pins -= 1
                 if room is None:
                     continue
                 slot, after = room
@@ -634,6 +636,20 @@ class CacheManager:
         for key in by_key:
             place(key)
         return adopted
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the index, the tiers and the policies disagree (for tests)."""
+        for kind, tier in self.tiers.items():
+            holders = [b for b in self.index.blocks() if kind in b.slots]
+            assert len(holders) == tier.used_blocks <= tier.capacity_blocks, (kind, len(holders), tier.used_blocks)
+            assert len(tier.eviction) == tier.used_blocks, (kind, len(tier.eviction), tier.used_blocks)
+            assert len({b.slots[kind] for b in holders}) == len(holders), f"{kind.name}: two blocks share a slot"
+        for block in self.index.blocks():
+            assert block.pins >= 0, block
+            assert self.index.get(block.key) is block
+            for kind in self.tiers:
+                children = sum(1 for b in self.index.blocks() if b.parent is block and kind in b.slots)
+                assert block.children[kind] == children, (block, kind, block.children[kind], children)
 
     def occupancy(self) -> dict[str, int]:
         return {k.name: t.used_blocks for k, t in self.tiers.items()}

@@ -224,3 +224,39 @@ def test_adopt_takes_in_persisted_blocks_with_their_prefix_links(harness):
     assert h.mgr.index.get(3).depth == 2 and h.mgr.index.get(1).children[SSD] == 1
     assert h.mgr.tiers[SSD].used_blocks == 3
     assert h.mgr.plan_load("r", [1, 2], 0, [0, 1]) == 2
+
+
+def test_readmitting_a_block_whose_last_child_is_evicted_keeps_its_record(harness):
+    # regression: making room for block 2 evicted its only resident child (3); the index then
+    # forgot block 2's record while the tier and the policy still held it
+    h = harness(tiers={"cpu": 3})
+    h.store("a", [1, 2, 3])
+    h.mgr.plan_load("b", [1], 0, [0])
+    h.settle()
+    h.store("c", [9])  # evicts 2; its record stays because child 3 is resident
+    assert h.mgr.index.get(2) is not None and not h.mgr.index.get(2).slots
+    h.mgr.plan_load("d", [1], 0, [0])
+    h.settle()
+    h.store("d", [1, 2], start=1)  # room for 2 evicts 3, its last child
+    assert 2 in h.resident("CPU")
+    h.mgr.check_invariants()
+
+
+def test_trace_like_replay_keeps_index_tiers_and_policies_consistent(harness):
+    import random
+
+    rng = random.Random(7)
+    h = harness(tiers={"cpu": 40, "ssd": 90})
+    prefixes = [[rng.randrange(10**6) for _ in range(rng.randint(1, 12))] for _ in range(30)]
+    for rid in range(400):
+        base = rng.choice(prefixes)
+        keys = base[: rng.randint(1, len(base))] + [rng.randrange(10**9) for _ in range(rng.randint(0, 4))]
+        keys = [hash((tuple(keys[: i + 1]),)) for i in range(len(keys))]  # chained
+        found = h.mgr.lookup(keys)
+        loaded = h.mgr.plan_load(rid, keys, 0, range(found.ready_blocks))
+        h.settle()
+        h.store(rid, keys, start=loaded)
+        if rid % 50 == 0:
+            h.mgr.check_invariants()
+    h.mgr.check_invariants()
+    assert h.mgr.pinned_blocks() == 0 and h.mgr.ops_in_flight == 0
