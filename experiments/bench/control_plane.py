@@ -49,8 +49,10 @@ def run_ours(keys: list[list[int]], capacity: int) -> tuple[float, int, int]:
 def run_vllm(keys: list[list[bytes]], capacity: int) -> tuple[float, int, int]:
     """The same stream through vLLM's manager and its built-in ``lru`` policy.
 
-    Recency is given block by block in prefix order (``touch`` per block), which
-    is the order our manager uses, so both make the same eviction decisions.
+    vLLM's ``lru`` touches a batch tail first (the head ends most recent); the
+    batch is handed over reversed so recency follows prefix order, the order our
+    manager uses, and both make the same eviction decisions with one call per
+    batch, as vLLM's connector makes them.
     """
     from vllm.v1.kv_offload.base import LookupResult, ReqContext
     from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager
@@ -70,14 +72,13 @@ def run_vllm(keys: list[list[bytes]], capacity: int) -> tuple[float, int, int]:
         if ready:
             prefix = request_keys[:ready]
             manager.prepare_load(prefix, ctx)
-            for key in prefix:
-                manager.touch((key,), ctx)
+            manager.touch(prefix[::-1], ctx)
             manager.complete_load(prefix, ctx)
         rest = request_keys[ready:]
         resident = [key for key in rest if manager._policy.get(key) is not None]
         out = manager.prepare_store(rest, ctx)
-        for key in resident:
-            manager.touch((key,), ctx)
+        if resident:
+            manager.touch(resident[::-1], ctx)
         if out is not None:
             manager.complete_store(out.keys_to_store, ctx)
         hits += ready + len(resident)

@@ -22,7 +22,6 @@ class TierKind(IntEnum):
     REMOTE = 3
 
 
-NUM_TIERS = len(TierKind)
 
 
 class Block:
@@ -40,7 +39,7 @@ class Block:
         #: bit t set when the copy in tier t is complete and may be read
         self.ready = 0
         self.pins = 0
-        self.children = [0] * NUM_TIERS
+        self.children = [0, 0, 0, 0]  # one per TierKind
         self.last_access = 0.0
         self.hits = 0
         self.prefill_cost_s = prefill_cost_s
@@ -62,15 +61,14 @@ class PrefixIndex:
     def __init__(self, prefill_cost: callable) -> None:
         self._blocks: dict[Hashable, Block] = {}
         self._prefill_cost = prefill_cost
+        #: key -> Block or None; the dict's own method, as this is the hottest call
+        self.get = self._blocks.get
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._blocks
-
-    def get(self, key: Hashable) -> Block | None:
-        return self._blocks.get(key)
 
     def get_or_create(self, key: Hashable, parent: Block | None) -> Block:
         block = self._blocks.get(key)
@@ -95,7 +93,14 @@ class PrefixIndex:
         block.ready &= ~(1 << tier)
         if block.parent is not None:
             block.parent.children[tier] -= 1
-        self.forget_if_unused(block)
+        if not block.slots and not block.pins:
+            parent = block.parent
+            if (parent is None or parent.slots) and not any(block.children):
+                # the common case, an evicted leaf under a cached parent: no walk needed
+                if self._blocks.get(block.key) is block:
+                    del self._blocks[block.key]
+            else:
+                self.forget_if_unused(block)
         return slot
 
     def forget_if_unused(self, block: Block | None) -> None:

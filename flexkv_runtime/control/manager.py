@@ -23,8 +23,9 @@ from flexkv_runtime.policies.base import PolicyContext, PrefetchPolicy
 
 WRITE_POLICIES = ("write_through", "write_back", "selective")
 
-CPU = TierKind.CPU
-GPU = TierKind.GPU
+# plain ints: these key every block's slot map on the hot path
+CPU = int(TierKind.CPU)
+GPU = int(TierKind.GPU)
 
 
 @dataclass(slots=True)
@@ -114,7 +115,8 @@ class CacheManager:
         if prefetch is not None:
             prefetch.bind(PolicyContext(clock=clock, waiting_refs=self.waiting_refs, oracle=oracle))
 
-        self._can_evict = {kind: self._evictable_in(kind) for kind in self.tiers}
+        for kind, tier in self.tiers.items():
+            tier.can_evict = self._evictable_in(kind)
         self._next_op_id = 0
         self._ops: dict[int, TransferOp] = {}
         self._op_blocks: dict[int, list[Block]] = {}
@@ -232,14 +234,12 @@ class CacheManager:
             if block.ready & (1 << CPU):
                 cpu.stats.hits += 1
                 cpu.eviction.on_hit(key, block)
-                self.stats.block_hits[CPU.name] += 1
+                self.stats.block_hits["CPU"] += 1
             else:
                 source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
                 if source is None:
                     break
-                block.pins += 1  # keep it while room is made for it
-                room = self._allocate(cpu)
-                block.pins -= 1
+                room = self._make_room(cpu, block)
                 if room is None:
                     break
                 slot, after = room
@@ -286,38 +286,34 @@ class CacheManager:
         reusable past the hole. Returns the number of blocks being stored.
         """
         now = self.clock()
-        cpu, index = self.cpu, self.index
+        cpu, index, lower = self.cpu, self.index, self.lower
         cpu_bit = 1 << CPU
-        hits = self.stats.block_hits
+        selective = self.write_policy == "selective"
+        on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
+        get, create = index.get, index.get_or_create
         parent = index.chain(keys, start)
         storing: list[Block] = []
         engine_slots: list[int] = []
         cpu_slots: list[int] = []
         waits: list[int] = []
         refused = False
+        accesses = cpu_hits = misses = 0
         for key, engine_slot in zip(keys[start:], gpu_block_ids):
-            block = index.get_or_create(key, parent)
+            block = get(key) or create(key, parent)
             parent = block
-            self.stats.block_accesses += 1
+            accesses += 1
             block.last_access = now
-            if CPU in block.slots:
+            slots = block.slots
+            if CPU in slots:
                 block.hits += 1
-                cpu.stats.hits += 1
-                hits[CPU.name] += 1
+                cpu_hits += 1
                 if block.ready & cpu_bit:
-                    cpu.eviction.on_hit(key, block)
-                    if self.write_policy == "selective" and block.hits >= self.selective_hits:
+                    on_hit(key, block)
+                    if selective and block.hits >= self.selective_hits:
                         self._copy_down([block])
                 continue
-            source = next((t for t in self.lower if t.kind in block.slots), None)
-            if source is None:
-                self.stats.block_misses += 1
-            else:
-                block.hits += 1
-                source.stats.hits += 1
-                hits[source.kind.name] += 1
-                if block.ready >> source.kind & 1:
-                    source.eviction.on_hit(key, block)
+            if not lower or not self._hit_lower(block):
+                misses += 1
             if refused:
                 continue
             room = self._admit(cpu, block, request_tokens)
@@ -325,51 +321,66 @@ class CacheManager:
                 refused = True
                 continue
             slot, after = room
-            waits.extend(after)
+            if after:
+                waits.extend(after)
             index.attach(block, CPU, slot)
-            cpu.eviction.on_insert(key, block)
-            cpu.stats.inserts += 1
+            on_insert(key, block)
             storing.append(block)
             engine_slots.append(engine_slot)
             cpu_slots.append(slot)
+        self.stats.block_accesses += accesses
+        self.stats.block_misses += misses
+        self.stats.block_hits["CPU"] += cpu_hits
+        cpu.stats.hits += cpu_hits
+        cpu.stats.inserts += len(storing)
         if storing:
             self._new_op(OpKind.STORE, GPU, CPU, storing, engine_slots, cpu_slots, request_id, waits)
-        else:
-            index.forget_if_unused(parent)
+        index.forget_if_unused(parent)  # the refused tail, if any
         return len(storing)
 
-    def _admit(self, tier: Tier, block: Block, request_tokens: int) -> tuple[int, list[int]] | None:
-        """Admission, then room for ``block``; it is pinned meanwhile so making room
-        cannot evict it, nor forget its record when the victim is its last child."""
-        if not tier.admission.admit(block.key, block, request_tokens):
-            tier.stats.rejected += 1
-            return None
-        block.pins += 1
-        room = self._allocate(tier)
-        block.pins -= 1
-        if room is None:
-            tier.stats.rejected += 1
-        return room
+    def _hit_lower(self, block: Block) -> bool:
+        """Count an access served by the fastest slower tier that holds the block."""
+        for tier in self.lower:
+            if tier.kind in block.slots:
+                block.hits += 1
+                tier.stats.hits += 1
+                self.stats.block_hits[tier.kind.name] += 1
+                if block.ready >> tier.kind & 1:
+                    tier.eviction.on_hit(block.key, block)
+                return True
+        return False
 
-    def _allocate(self, tier: Tier) -> tuple[int, list[int]] | None:
-        """A free slot of the tier, evicting one block if needed.
+    def _admit(self, tier: Tier, block: Block, request_tokens: int) -> tuple[int, Sequence[int]] | None:
+        """The admission policy's consent, then a slot for ``block``, evicting if needed.
 
         Returns the slot and the ops that must finish before it is overwritten
-        (a write-back demotion still reading the evicted block), or None when
-        every resident block is pinned or in flight.
+        (a write-back demotion still reading the evicted block), or None. The
+        block is pinned while room is made, so the eviction can neither choose
+        it nor forget its record when the victim is its last child.
         """
-        slot = tier.take_free_slot()
-        if slot is not None:
-            return slot, []
-        key = tier.eviction.victim(self._can_evict[tier.kind])
-        if key is None:
+        if not tier.admits_all and not tier.admission.admit(block.key, block, request_tokens):
+            tier.stats.rejected += 1
             return None
-        block = self.index.get(key)
+        return self._make_room(tier, block)
+
+    def _make_room(self, tier: Tier, block: Block) -> tuple[int, Sequence[int]] | None:
+        """A slot of ``tier`` for ``block`` (see ``_admit``), with no admission check:
+        promotions on the way to the engine must pass through the CPU tier."""
+        free = tier.free_slots
+        if free:
+            return free.pop(), ()
+        block.pins += 1
+        key = tier.eviction.victim(tier.can_evict)
+        if key is None:
+            block.pins -= 1
+            tier.stats.rejected += 1
+            return None
+        victim = self.index.get(key)
         tier.stats.evictions += 1
-        after = []
-        if self.write_policy == "write_back":
-            after = self._copy_down([block], source=tier, next_only=True)
-        return self.index.detach(block, tier.kind), after
+        after = self._copy_down([victim], source=tier, next_only=True) if self.write_policy == "write_back" else ()
+        slot = self.index.detach(victim, tier.kind)
+        block.pins -= 1
+        return slot, after
 
     def _copy_down(self, blocks: list[Block], source: Tier | None = None, next_only: bool = False) -> list[int]:
         """Copy ready blocks from ``source`` (the CPU tier) into the slower tiers that lack them.
@@ -418,9 +429,7 @@ class CacheManager:
             source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
             if source is None:
                 continue
-            block.pins += 1
-            room = self._allocate(self.cpu)
-            block.pins -= 1
+            room = self._make_room(self.cpu, block)
             if room is None:
                 break
             slot, after = room
@@ -448,8 +457,8 @@ class CacheManager:
     ) -> int:
         op_id = self._next_op_id
         self._next_op_id += 1
-        op = TransferOp(op_id, kind, src, dst, [b.key for b in blocks], src_slots, dst_slots, self.block_bytes,
-                        request_id, [a for a in after if a in self._ops])
+        op = TransferOp(op_id, kind, TierKind(src), TierKind(dst), [b.key for b in blocks], src_slots, dst_slots,
+                        self.block_bytes, request_id, [a for a in after if a in self._ops])
         for block in blocks:
             block.pins += 1
         self._ops[op_id] = op
@@ -488,23 +497,25 @@ class CacheManager:
         src_tier, dst_tier = self.tiers.get(op.src), self.tiers.get(op.dst)
         nbytes = self.block_bytes
         done: list[Block] = []
+        dst_bit = 1 << op.dst if dst_tier is not None else 0
         for block in blocks:
             block.pins -= 1
-            if block.key in failed:
+            if failed and block.key in failed:
                 if dst_tier is not None and dst_tier.kind in block.slots and not block.ready_in(dst_tier.kind):
                     self._drop(dst_tier, block)
                     dst_tier.stats.failed += 1
                 if source_suspect and src_tier is not None and src_tier.kind != CPU and src_tier.kind in block.slots:
                     self._drop(src_tier, block)
                     src_tier.stats.failed += 1
+                self.index.forget_if_unused(block)
             else:
-                if dst_tier is not None:
-                    block.ready |= 1 << dst_tier.kind
-                    dst_tier.stats.bytes_in += nbytes
-                if src_tier is not None:
-                    src_tier.stats.bytes_out += nbytes
+                block.ready |= dst_bit
                 done.append(block)
-            self.index.forget_if_unused(block)
+        moved = len(done) * nbytes
+        if dst_tier is not None:
+            dst_tier.stats.bytes_in += moved
+        if src_tier is not None:
+            src_tier.stats.bytes_out += moved
         if op.kind is OpKind.STORE and done and self.write_policy == "write_through" and self.lower:
             self._copy_down(done)
 

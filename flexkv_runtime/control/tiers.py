@@ -2,6 +2,7 @@
 admission policy. Capacity is given in bytes and turned into whole blocks."""
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
 
 from flexkv_runtime.control.index import TierKind
@@ -48,24 +49,26 @@ class Tier:
         self.eviction = eviction
         self.admission = admission
         self.stats = TierStats()
-        self._free = list(range(capacity_blocks - 1, -1, -1))
+        #: free slot numbers; popped from the end, so slot 0 goes first
+        self.free_slots = list(range(capacity_blocks - 1, -1, -1))
+        #: set by the manager: whether a resident key may be evicted now (ready, unpinned)
+        self.can_evict: Callable[[Hashable], bool] = lambda key: False
+        #: lets the manager skip the admission call on its hot path
+        self.admits_all = getattr(admission, "admits_everything", False)
 
     @property
     def used_blocks(self) -> int:
-        return self.capacity_blocks - len(self._free)
-
-    def take_free_slot(self) -> int | None:
-        return self._free.pop() if self._free else None
+        return self.capacity_blocks - len(self.free_slots)
 
     def take_slot(self, slot: int) -> None:
         """Claim one particular free slot (a block found on disk after a restart)."""
         try:
-            self._free.remove(slot)
+            self.free_slots.remove(slot)
         except ValueError:
             raise ValueError(f"{self.kind.name} slot {slot} is not free or out of range") from None
 
     def release_slot(self, slot: int) -> None:
-        self._free.append(slot)
+        self.free_slots.append(slot)
 
     def __repr__(self) -> str:
         return (

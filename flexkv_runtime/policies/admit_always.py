@@ -4,6 +4,7 @@ from flexkv_runtime.policies.base import AdmissionPolicy
 
 class AdmitAlways(AdmissionPolicy):
     name = "always"
+    admits_everything = True
 
     def admit(self, key, block, request_tokens: int) -> bool:
         return True

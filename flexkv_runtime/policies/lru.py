@@ -23,9 +23,15 @@ class LRU(EvictionPolicy):
         self._order.pop(key, None)
 
     def victim(self, can_evict):
-        for key in self._order:
+        order = self._order
+        if order:
+            oldest = next(iter(order))
+            if can_evict(oldest):  # nearly always: pinned blocks are recent
+                order.popitem(last=False)
+                return oldest
+        for key in order:
             if can_evict(key):
-                del self._order[key]
+                del order[key]
                 return key
         return None
 
