@@ -59,6 +59,9 @@ def plot(rows: list[dict], path: Path) -> None:
         style = dict(color="black", linestyle="--", linewidth=2) if policy == "belady" else {}
         ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=policy, **style)
     ax.set_xscale("log")
+    ticks = sorted({100 * r["capacity_fraction"] for r in rows})
+    ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("CPU-tier capacity (% of the workload's unique blocks)")
     ax.set_ylabel("prefix-token hit ratio (cached prompt tokens / prompt tokens)")
     ax.set_title(f"Eviction policies on '{rows[0]['workload']}' (belady = offline ceiling)")
