@@ -94,6 +94,7 @@ class CacheManager:
         self.index = PrefixIndex(prefill_cost)
         self.tiers: dict[TierKind, Tier] = {t.kind: t for t in sorted(tiers, key=lambda t: t.kind)}
         self.cpu = self.tiers[CPU]
+        self._all_tiers_mask = sum(1 << kind for kind in self.tiers)
         self.lower = [t for k, t in self.tiers.items() if k > CPU]
         self.stats = ManagerStats(block_hits={k.name: 0 for k in self.tiers})
         self.waiting: dict[Hashable, Sequence[Hashable]] = {}
@@ -146,27 +147,28 @@ class CacheManager:
         """
         self.stats.lookups += 1
         get = self.index.get
-        per_tier = dict.fromkeys(self.tiers, 0)
-        open_tiers = set(self.tiers)
+        per_tier = {}
+        contiguous = self._all_tiers_mask  # tiers whose ready prefix is still unbroken
         ready = pending = 0
-        ready_open = True
         for key in keys:
             block = get(key)
             if block is None or not block.slots:
                 break
-            pending += 1
-            if ready_open and block.ready:
+            mask = block.ready
+            if ready == pending and mask:
                 ready += 1
-            else:
-                ready_open = False
-            for kind in list(open_tiers):
-                if block.ready >> kind & 1:
-                    per_tier[kind] += 1
-                else:
-                    open_tiers.discard(kind)
+            pending += 1
+            if contiguous & mask != contiguous:
+                for kind in self.tiers:
+                    if contiguous >> kind & 1 and not mask >> kind & 1:
+                        per_tier[kind] = pending - 1
+                contiguous &= mask
+        for kind in self.tiers:
+            if contiguous >> kind & 1:
+                per_tier[kind] = pending
         if self.prefetch is not None and request_id is not None:
             self._promote(self.prefetch.on_lookup(request_id, keys))
-        return Lookup(len(keys), ready, pending, per_tier)
+        return Lookup(len(keys), ready, pending, dict(sorted(per_tier.items())))
 
     def should_wait(self, lookup: Lookup, waited_s: float) -> bool:
         """Whether a request should keep waiting for its in-flight blocks (prefetch stop rule)."""
