@@ -9,7 +9,7 @@ policies can keep cached prefixes contiguous.
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from enum import IntEnum
 
 
@@ -58,9 +58,10 @@ class Block:
 class PrefixIndex:
     """Key -> Block, forgetting blocks no tier holds and nothing references."""
 
-    def __init__(self, prefill_cost: callable) -> None:
+    def __init__(self, prefill_cost: Callable[[int], float]) -> None:
         self._blocks: dict[Hashable, Block] = {}
         self._prefill_cost = prefill_cost
+        self._cost_by_depth: list[float] = []
         #: key -> Block or None; the dict's own method, as this is the hottest call
         self.get = self._blocks.get
 
@@ -72,10 +73,15 @@ class PrefixIndex:
 
     def get_or_create(self, key: Hashable, parent: Block | None) -> Block:
         block = self._blocks.get(key)
-        if block is None:
-            depth = parent.depth + 1 if parent is not None else 0
-            block = Block(key, parent, self._prefill_cost(depth))
-            self._blocks[key] = block
+        return block if block is not None else self.create(key, parent)
+
+    def create(self, key: Hashable, parent: Block | None) -> Block:
+        """A new record for a key the index does not hold."""
+        depth = parent.depth + 1 if parent is not None else 0
+        costs = self._cost_by_depth
+        while len(costs) <= depth:  # the cost model depends on depth alone: compute each once
+            costs.append(self._prefill_cost(len(costs)))
+        block = self._blocks[key] = Block(key, parent, costs[depth])
         return block
 
     def chain(self, keys: Sequence[Hashable], start: int) -> Block | None:
@@ -94,13 +100,7 @@ class PrefixIndex:
         if block.parent is not None:
             block.parent.children[tier] -= 1
         if not block.slots and not block.pins:
-            parent = block.parent
-            if (parent is None or parent.slots) and not any(block.children):
-                # the common case, an evicted leaf under a cached parent: no walk needed
-                if self._blocks.get(block.key) is block:
-                    del self._blocks[block.key]
-            else:
-                self.forget_if_unused(block)
+            self.forget_if_unused(block)
         return slot
 
     def forget_if_unused(self, block: Block | None) -> None:

@@ -292,7 +292,7 @@ class CacheManager:
         cpu_bit = 1 << CPU
         selective = self.write_policy == "selective"
         on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
-        get, create = index.get, index.get_or_create
+        get, create = index.get, index.create
         parent = index.chain(keys, start)
         storing: list[Block] = []
         engine_slots: list[int] = []
@@ -498,11 +498,20 @@ class CacheManager:
         self._held.pop(op.op_id, None)
         src_tier, dst_tier = self.tiers.get(op.src), self.tiers.get(op.dst)
         nbytes = self.block_bytes
-        done: list[Block] = []
         dst_bit = 1 << op.dst if dst_tier is not None else 0
-        for block in blocks:
-            block.pins -= 1
-            if failed and block.key in failed:
+        if not failed:
+            for block in blocks:
+                block.pins -= 1
+                block.ready |= dst_bit
+            done = blocks
+        else:
+            done = []
+            for block in blocks:
+                block.pins -= 1
+                if block.key not in failed:
+                    block.ready |= dst_bit
+                    done.append(block)
+                    continue
                 if dst_tier is not None and dst_tier.kind in block.slots and not block.ready_in(dst_tier.kind):
                     self._drop(dst_tier, block)
                     dst_tier.stats.failed += 1
@@ -510,9 +519,6 @@ class CacheManager:
                     self._drop(src_tier, block)
                     src_tier.stats.failed += 1
                 self.index.forget_if_unused(block)
-            else:
-                block.ready |= dst_bit
-                done.append(block)
         moved = len(done) * nbytes
         if dst_tier is not None:
             dst_tier.stats.bytes_in += moved

@@ -24,7 +24,7 @@ class PrefixLRU(EvictionPolicy):
 
     def __init__(self, capacity_blocks: int) -> None:
         super().__init__(capacity_blocks)
-        self._clock = itertools.count()  # use order, cheaper and stricter than wall time
+        self._uses = itertools.count()  # order of use: exact where clock readings tie
         self._last_use: dict = {}  # resident key -> its last use
         self._parent: dict = {}  # resident key -> its parent's key (None for a first block)
         self._children: dict = {}  # key -> resident children, for any key that has some
@@ -39,7 +39,7 @@ class PrefixLRU(EvictionPolicy):
         self.on_hit(key, block)
 
     def on_hit(self, key, block) -> None:
-        use = next(self._clock)
+        use = next(self._uses)
         self._last_use[key] = use
         if key not in self._children:
             self._leaves.set(key, use)
