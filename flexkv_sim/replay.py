@@ -65,19 +65,18 @@ def replay(
     prefetch: Any = "none",
     write_policy: str = "write_through",
     keys: list[list[int]] | None = None,
-    store_batch: int = 0,
+    demand_paging: bool = False,
     progress: bool = False,
 ) -> ReplayResult:
     """Replay ``workload`` through a fresh CacheManager and return its hit figures.
 
-    ``store_batch`` is how many blocks one store op carries: 0 stores a
-    request's new blocks in one op, as the connector does after a prefill, so
-    they hold their slots (and cannot be evicted) until it completes; 1 stores
-    block by block, which is textbook demand paging (what libCacheSim does) and
-    matters when a request is large next to the tier (belady at 1% capacity).
+    By default a request's new blocks are stored in one op, as the connector
+    does after a prefill: they hold their slots (and cannot be evicted) until it
+    completes, and a store never evicts the cached block it extends.
+    ``demand_paging=True`` stores block by block with no such protection:
+    textbook demand paging, libCacheSim's model, which differs when a request is
+    large next to the tier (belady at 1% capacity of the Mooncake trace).
     """
-    if store_batch < 0:
-        raise ValueError(f"store_batch must be >= 0, got {store_batch}")
     keys = keys if keys is not None else workload_keys(workload)
     offline = policy_class("eviction", _policy_name(eviction)).offline
     oracle = FutureOracle(keys) if offline else None
@@ -93,6 +92,7 @@ def replay(
         clock=lambda: now[0],
         block_bytes=1,
         oracle=oracle,
+        protect_prefix=not demand_paging,
     )
 
     def settle() -> None:
@@ -119,7 +119,7 @@ def replay(
         manager.on_request_running(i)
         loaded = manager.plan_load(i, request_keys, 0, range(found.ready_blocks))
         settle()
-        step = store_batch or len(request_keys)
+        step = 1 if demand_paging else len(request_keys)
         for first in range(loaded, len(request_keys), step):
             last = min(first + step, len(request_keys))
             manager.plan_store(i, request_keys, range(first, last), start=first, request_tokens=request.input_length)

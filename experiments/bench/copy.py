@@ -1,8 +1,9 @@
 """KV block gather/scatter throughput against a plain contiguous copy of the same bytes.
 
 `python -m experiments bench copy [--device cpu|cuda] [...]`.  The engine KV is
-vLLM-shaped (per-layer paged tensors), the batch is blocks picked at random from a
-larger cache and landing in random slots of the pool.  On CUDA the pool is pinned host
+vLLM-shaped (per-layer paged tensors); the batch is blocks picked at random from a
+larger cache, landing in the pool in random order (in random slots of a larger pool
+with --pool-slots).  On CUDA the pool is pinned host
 memory, so gather is D2H and scatter is H2D, each compared with one pinned `copy_` of
 the same size.  The last line printed is one JSON object.
 """
@@ -28,8 +29,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments bench copy", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    parser.add_argument("--layout", choices=["blocks-first", "kv-first"], default="blocks-first",
-                        help="[num_blocks, kv_heads, block_size, 2*head_dim] or [2, num_blocks, block_size, kv_heads, head_dim]")
+    parser.add_argument(
+        "--layout",
+        choices=["blocks-first", "kv-first"],
+        default="blocks-first",
+        help="[num_blocks, kv_heads, block_size, 2*head_dim] or [2, num_blocks, block_size, kv_heads, head_dim]",
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--kv-heads", type=int, default=8)
@@ -95,16 +100,20 @@ def main(argv: list[str]) -> int:
     slot_ids = torch.randperm(args.pool_slots, generator=generator)[: args.blocks]
     nbytes = args.blocks * layout.block_bytes
 
-    # The same number of bytes as one contiguous copy in each direction of the batch copies.
+    # One contiguous copy of the same number of bytes in each direction the batch copies go.
     engine_side = torch.ones(nbytes, dtype=torch.uint8, device=device)
     host_side = torch.ones(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
     ops = {
         "gather": lambda: gather_blocks(layers, block_ids, pool, slot_ids, backend=args.backend),
         "scatter": lambda: scatter_blocks(pool, slot_ids, layers, block_ids, backend=args.backend),
-        "memcpy_gather": lambda: host_side.copy_(engine_side, non_blocking=True),
     }
     if device.type == "cuda":
-        ops["memcpy_scatter"] = lambda: engine_side.copy_(host_side, non_blocking=True)
+        ops["memcpy_d2h"] = lambda: host_side.copy_(engine_side, non_blocking=True)
+        ops["memcpy_h2d"] = lambda: engine_side.copy_(host_side, non_blocking=True)
+        baseline = {"gather": "memcpy_d2h", "scatter": "memcpy_h2d"}
+    else:
+        ops["memcpy"] = lambda: host_side.copy_(engine_side)
+        baseline = {"gather": "memcpy", "scatter": "memcpy"}
 
     timer = _timer(device)
     round_started = time.perf_counter()
@@ -121,18 +130,18 @@ def main(argv: list[str]) -> int:
             seconds[name].append(timer(fn))
 
     gbps = {name: nbytes / statistics.median(times) / 1e9 for name, times in seconds.items()}
-    memcpy_for = {"gather": gbps["memcpy_gather"], "scatter": gbps.get("memcpy_scatter", gbps["memcpy_gather"])}
+    ratios = {name: gbps[name] / gbps[reference] for name, reference in baseline.items()}
     print(f"{args.layers} layers x {args.blocks} blocks of {layout.block_bytes / 2**20:.2f} MiB "
           f"({nbytes / 2**30:.2f} GiB), {args.layout} {args.dtype} on {device}, median of {args.iters}")
-    print(f"{'op':<16}{'GB/s':>8}{'ms':>10}{'vs memcpy':>11}")
+    print(f"{'op':<12}{'GB/s':>8}{'ms':>10}{'vs memcpy':>11}")
     for name, rate in gbps.items():
-        ratio = f"{rate / memcpy_for[name]:.2f}x" if name in memcpy_for else ""
-        print(f"{name:<16}{rate:>8.2f}{nbytes / rate / 1e6:>10.2f}{ratio:>11}")
+        ratio = f"{ratios[name]:.2f}x" if name in ratios else ""
+        print(f"{name:<12}{rate:>8.2f}{nbytes / rate / 1e6:>10.2f}{ratio:>11}")
     print(json.dumps({
         "gather_gbps": round(gbps["gather"], 3),
         "scatter_gbps": round(gbps["scatter"], 3),
-        "memcpy_gbps": round(min(memcpy_for.values()), 3),
-        "ratio": round(min(gbps[name] / memcpy_for[name] for name in memcpy_for), 3),
+        "memcpy_gbps": round(min(gbps[reference] for reference in baseline.values()), 3),
+        "ratio": round(min(ratios.values()), 3),
         "device": device.type,
         "block_bytes": layout.block_bytes,
         "blocks": args.blocks,

@@ -27,15 +27,15 @@ def tier_capacity_blocks(name: str, spec: Mapping[str, Any] | int | None, block_
         spec = {"capacity_blocks": spec}
     blocks = spec.get("capacity_blocks")
     nbytes = spec.get("capacity_bytes")
+    if blocks is None and nbytes is None:
+        raise ValueError(f"{name} tier needs capacity_blocks or capacity_bytes")
     if blocks is not None and nbytes is not None:
         raise ValueError(f"{name} tier: give capacity_blocks or capacity_bytes, not both")
     if blocks is not None:
         if int(blocks) <= 0:
             raise ValueError(f"{name} tier capacity_blocks must be positive, got {blocks}")
         return int(blocks)
-    if nbytes is not None:
-        return blocks_for_capacity(kind, int(nbytes), block_bytes)
-    raise ValueError(f"{name} tier needs capacity_blocks or capacity_bytes")
+    return blocks_for_capacity(kind, int(nbytes), block_bytes)
 
 
 def _plain(obj: Any) -> Any:
@@ -64,8 +64,12 @@ def build_manager(
     prefill_cost: Callable[[int], float] | None = None,
     oracle: object | None = None,
     allow_offline: bool = True,
+    protect_prefix: bool = True,
 ) -> CacheManager:
-    """``tiers`` maps ``cpu``/``ssd``/``remote`` to capacities; a tier with capacity 0 or None is absent."""
+    """``tiers`` maps ``cpu``/``ssd``/``remote`` to a capacity (blocks) or a mapping with
+    ``capacity_blocks`` or ``capacity_bytes`` and optionally its own ``eviction`` and
+    ``admission``; a tier with capacity 0 or None is absent. Other keys of a tier's
+    mapping (directories, threads) belong to the data plane and are ignored here."""
     unknown = set(tiers) - set(TIER_NAMES)
     if unknown:
         raise ValueError(f"unknown tiers {sorted(unknown)}; valid choices: {sorted(TIER_NAMES)}")
@@ -73,15 +77,22 @@ def build_manager(
     built = []
     for name, spec in tiers.items():
         spec = _plain(spec)
-        if spec in (None, 0) or (isinstance(spec, Mapping) and not any(spec.values())):
+        if spec in (None, 0) or (
+            isinstance(spec, Mapping) and not spec.get("capacity_blocks") and not spec.get("capacity_bytes")
+            and ("capacity_blocks" in spec or "capacity_bytes" in spec)
+        ):
             continue
         blocks = tier_capacity_blocks(name, spec, block_bytes)
+        own = spec if isinstance(spec, Mapping) else {}
+        # admission guards the way into the hierarchy (the CPU tier); what reaches the
+        # slower tiers is the write policy's call, unless a tier names its own admission
+        tier_admission = own.get("admission") or (admission if name == "cpu" else "always")
         built.append(
             Tier(
                 TIER_NAMES[name],
                 blocks,
-                make_policy("eviction", eviction, capacity_blocks=blocks),
-                make_policy("admission", admission),
+                make_policy("eviction", own.get("eviction") or eviction, capacity_blocks=blocks),
+                make_policy("admission", _plain(tier_admission)),
             )
         )
     kwargs = {} if prefill_cost is None else {"prefill_cost": prefill_cost}
@@ -95,5 +106,6 @@ def build_manager(
         prefetch=make_policy("prefetch", prefetch),
         oracle=oracle,
         allow_offline=allow_offline,
+        protect_prefix=protect_prefix,
         **kwargs,
     )

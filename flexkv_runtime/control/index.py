@@ -27,7 +27,7 @@ class TierKind(IntEnum):
 class Block:
     __slots__ = (
         "key", "parent", "depth", "slots", "ready", "pins", "children",
-        "last_access", "hits", "prefill_cost_s",
+        "last_access", "hits", "prefill_cost_s", "arriving",
     )
 
     def __init__(self, key: Hashable, parent: Block | None, prefill_cost_s: float) -> None:
@@ -43,6 +43,8 @@ class Block:
         self.last_access = 0.0
         self.hits = 0
         self.prefill_cost_s = prefill_cost_s
+        #: the op bringing the CPU copy while it is in flight (loads wait for it)
+        self.arriving = -1
 
     def in_tier(self, tier: int) -> bool:
         return tier in self.slots
@@ -52,7 +54,8 @@ class Block:
 
     def __repr__(self) -> str:
         tiers = ",".join(TierKind(t).name + ("" if self.ready_in(t) else "*") for t in sorted(self.slots))
-        return f"Block({self.key:#x}, depth={self.depth}, tiers=[{tiers}], pins={self.pins})"
+        key = f"{self.key:#x}" if isinstance(self.key, int) else repr(self.key)
+        return f"Block({key}, depth={self.depth}, tiers=[{tiers}], pins={self.pins})"
 
 
 class PrefixIndex:
@@ -85,8 +88,20 @@ class PrefixIndex:
         return block
 
     def chain(self, keys: Sequence[Hashable], start: int) -> Block | None:
-        """The block just before ``start`` in a request's chain, if the index has it."""
-        return self._blocks.get(keys[start - 1]) if start > 0 else None
+        """The record of ``keys[start - 1]``, the parent of the block at ``start``.
+
+        Ancestors the index does not know get records (holding no data) so that
+        blocks stored from an offset still know their depth and parent.
+        """
+        if start <= 0:
+            return None
+        known = start
+        while known > 0 and keys[known - 1] not in self._blocks:
+            known -= 1
+        parent = self._blocks[keys[known - 1]] if known > 0 else None
+        for key in keys[known:start]:
+            parent = self.create(key, parent)
+        return parent
 
     def attach(self, block: Block, tier: int, slot: int) -> None:
         block.slots[tier] = slot

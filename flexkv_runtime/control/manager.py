@@ -77,7 +77,11 @@ class CacheManager:
         prefill_cost: Callable[[int], float] = lambda depth: float(depth + 1),
         oracle: object | None = None,
         allow_offline: bool = True,
+        protect_prefix: bool = True,
     ) -> None:
+        """``protect_prefix``: a store never evicts the cached block its next block extends
+        (a hole right where the prefix grows). Textbook demand paging, as libCacheSim
+        simulates it, has no such rule; replay turns it off to compare with it."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; valid choices: {list(WRITE_POLICIES)}")
         kinds = [t.kind for t in tiers]
@@ -90,6 +94,7 @@ class CacheManager:
         self.block_bytes = block_bytes
         self.write_policy = write_policy
         self.selective_hits = selective_hits
+        self.protect_prefix = protect_prefix
         self.prefetch = prefetch
         self.index = PrefixIndex(prefill_cost)
         self.tiers: dict[TierKind, Tier] = {t.kind: t for t in sorted(tiers, key=lambda t: t.kind)}
@@ -233,9 +238,16 @@ class CacheManager:
             block = get(key)
             if block is None:
                 break
+            block.last_access = now
             if block.ready & (1 << CPU):
                 cpu.stats.hits += 1
                 cpu.eviction.on_hit(key, block)
+                self.stats.block_hits["CPU"] += 1
+            elif CPU in block.slots:  # on its way into the CPU tier (a prefetch): wait for it
+                if block.arriving not in self._ops:
+                    break
+                waits.append(block.arriving)
+                cpu.stats.hits += 1
                 self.stats.block_hits["CPU"] += 1
             else:
                 source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
@@ -255,7 +267,6 @@ class CacheManager:
                 promotions.setdefault(source.kind, []).append((block, block.slots[source.kind], slot))
             self.stats.block_accesses += 1
             block.hits += 1
-            block.last_access = now
             block.pins += 1  # held until the ops below take their own pins
             loaded.append(block)
         if not loaded:
@@ -292,6 +303,7 @@ class CacheManager:
         cpu_bit = 1 << CPU
         selective = self.write_policy == "selective"
         on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
+        protect = self.protect_prefix
         get, create = index.get, index.create
         parent = index.chain(keys, start)
         storing: list[Block] = []
@@ -317,8 +329,14 @@ class CacheManager:
             if not lower or not self._hit_lower(block):
                 misses += 1
             if refused:
+                cpu.admission.observe(key, block, request_tokens)
                 continue
+            previous = block.parent
+            if previous is not None and protect:
+                previous.pins += 1  # the prefix this block extends must not make its room
             room = self._admit(cpu, block, request_tokens)
+            if previous is not None and protect:
+                previous.pins -= 1
             if room is None:
                 refused = True
                 continue
@@ -426,11 +444,13 @@ class CacheManager:
         waits: list[int] = []
         for key in keys:
             block = get(key)
-            if block is None or CPU in block.slots:
+            if block is None:
+                break  # past a hole nothing is reusable
+            if CPU in block.slots:
                 continue
             source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
             if source is None:
-                continue
+                break
             room = self._make_room(self.cpu, block)
             if room is None:
                 break
@@ -461,8 +481,13 @@ class CacheManager:
         self._next_op_id += 1
         op = TransferOp(op_id, kind, TierKind(src), TierKind(dst), [b.key for b in blocks], src_slots, dst_slots,
                         self.block_bytes, request_id, [a for a in after if a in self._ops])
-        for block in blocks:
-            block.pins += 1
+        if dst == CPU:
+            for block in blocks:
+                block.pins += 1
+                block.arriving = op_id
+        else:
+            for block in blocks:
+                block.pins += 1
         self._ops[op_id] = op
         self._op_blocks[op_id] = blocks
         if request_id is not None:

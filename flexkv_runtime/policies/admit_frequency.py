@@ -25,9 +25,15 @@ class FrequencyAdmission(AdmissionPolicy):
         self.table_size = table_size
         self._sightings: OrderedDict = OrderedDict()  # key -> times offered, least recent first
 
-    def admit(self, key, block, request_tokens: int) -> bool:
+    def _sighted(self, key) -> int:
         seen = self._sightings.pop(key, 0) + 1
         self._sightings[key] = seen
         if len(self._sightings) > self.table_size:
             self._sightings.popitem(last=False)
-        return seen >= self.min_hits
+        return seen
+
+    def admit(self, key, block, request_tokens: int) -> bool:
+        return self._sighted(key) >= self.min_hits
+
+    def observe(self, key, block, request_tokens: int) -> None:
+        self._sighted(key)

@@ -89,6 +89,10 @@ class AdmissionPolicy(Policy):
     def admit(self, key: Key, block: Block, request_tokens: int) -> bool:
         raise NotImplementedError
 
+    def observe(self, key: Key, block: Block, request_tokens: int) -> None:
+        """A block was offered but not stored for another reason (it lies past a hole
+        in its request's prefix); policies that count sightings count it here."""
+
 
 #: How a request that finds part of its prefix still in flight (being
 #: prefetched) proceeds: load only what is ready, wait for all, or wait a while.

@@ -2,12 +2,10 @@
 
 The block stream of the trace (one reference per block, in request order) goes
 through libCacheSim's policies and, request by request, through our replay
-(lookup, load the ready prefix, store the rest block by block: ``store_batch=1``,
-so a block being stored never holds its slot past its own insertion). Both are
-then demand paging with forced insertion, so lru, fifo and belady must agree
-exactly. ARC, S3-FIFO and
-SIEVE have implementation freedom (ghost sizes, queue sizing, tie-breaking):
-within 0.5 percentage points.
+(lookup, load the ready prefix, store the rest) in ``demand_paging`` mode:
+block-by-block stores, no protection of the prefix being extended. Both are
+then demand paging with forced insertion, so lru, fifo, belady, s3fifo and sieve must agree
+exactly; arc within 0.5 percentage points (see CLOSE).
 """
 from pathlib import Path
 
@@ -20,8 +18,11 @@ from flexkv_sim.workloads.mooncake import load_mooncake_trace  # noqa: E402
 
 TRACE = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
 FRACTIONS = (0.01, 0.05, 0.10)
-EXACT = {"lru": "LRU", "fifo": "FIFO", "belady": "Belady"}
-CLOSE = {"arc": "ARC", "s3fifo": "S3FIFO", "sieve": "Sieve"}
+EXACT = {"lru": "LRU", "fifo": "FIFO", "belady": "Belady", "s3fifo": "S3FIFO", "sieve": "Sieve"}
+# ARC adapts its target on the miss before choosing a victim; our interface tells the
+# policy of the new block only after the victim is chosen (on_insert), so the
+# adaptation lands one miss late: within 0.5 points, not exact.
+CLOSE = {"arc": "ARC"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def libcachesim_hit_ratio(policy: str, stream: list[int], capacity: int) -> floa
 
 
 def ours_hit_ratio(workload, keys, policy: str, capacity: int) -> float:
-    return replay(workload, keys=keys, capacity_blocks=capacity, eviction=policy, store_batch=1).block_hit_ratio
+    return replay(workload, keys=keys, capacity_blocks=capacity, eviction=policy, demand_paging=True).block_hit_ratio
 
 
 @pytest.mark.parametrize("fraction", FRACTIONS)

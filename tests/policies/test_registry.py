@@ -1,0 +1,49 @@
+"""Every config-group YAML names a registered policy and lists exactly its constructor's parameters."""
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flexkv_runtime.policies import available, make_policy, policy_class
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+KINDS = ("eviction", "admission", "prefetch")
+SUPPLIED_BY_MANAGER = {"self", "capacity_blocks"}
+
+
+def group_files():
+    return [(kind, path) for kind in KINDS for path in sorted((CONF / kind).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("kind", "path"), group_files(), ids=lambda x: getattr(x, "name", x))
+def test_yaml_names_a_policy_and_lists_every_parameter_with_its_default(kind, path):
+    spec = yaml.safe_load(path.read_text())
+    assert path.stem == spec["name"]
+    cls = policy_class(kind, spec["name"])
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(cls.__init__).parameters.items()
+        if name not in SUPPLIED_BY_MANAGER
+    }
+    assert {k: v for k, v in spec.items() if k != "name"} == defaults
+    fixed = {"capacity_blocks": 16} if kind == "eviction" else {}
+    assert make_policy(kind, spec, **fixed).name == spec["name"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_registered_policy_has_a_yaml(kind):
+    assert sorted(path.stem for path in (CONF / kind).glob("*.yaml")) == available(kind)
+
+
+def test_unknown_name_lists_the_valid_choices():
+    with pytest.raises(ValueError) as err:
+        make_policy("eviction", {"name": "nope"}, capacity_blocks=4)
+    message = str(err.value)
+    assert "'nope'" in message
+    assert all(name in message for name in available("eviction"))
+
+
+def test_unknown_parameter_is_a_value_error():
+    with pytest.raises(ValueError, match="s3fifo"):
+        make_policy("eviction", {"name": "s3fifo", "small_ratio": 0.2}, capacity_blocks=4)
