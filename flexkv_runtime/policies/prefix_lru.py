@@ -9,7 +9,8 @@ and shrink from their ends.
 It keeps its own count of resident children per parent key (updated on insert,
 remove and eviction), because the index's ``children`` counts change when the
 manager attaches and detaches, which the policy is not told about. Leaves wait
-in a lazy heap ordered by last use; a parent joins it when its last child goes.
+in a lazy heap ordered by ``_priority`` (here: order of last use; cost_aware
+ranks by value instead); a parent joins it when its last child goes.
 """
 from __future__ import annotations
 
@@ -25,10 +26,10 @@ class PrefixLRU(EvictionPolicy):
     def __init__(self, capacity_blocks: int) -> None:
         super().__init__(capacity_blocks)
         self._uses = itertools.count()  # order of use: exact where clock readings tie
-        self._last_use: dict = {}  # resident key -> its last use
+        self._rank: dict = {}  # resident key -> its priority at its last use
         self._parent: dict = {}  # resident key -> its parent's key (None for a first block)
         self._children: dict = {}  # key -> resident children, for any key that has some
-        self._leaves = LazyMinHeap()  # resident keys with no resident child, by last use
+        self._leaves = LazyMinHeap()  # resident keys with no resident child, by rank
 
     def on_insert(self, key, block) -> None:
         parent = block.parent.key if block.parent is not None else None
@@ -38,14 +39,17 @@ class PrefixLRU(EvictionPolicy):
             self._leaves.discard(parent)
         self.on_hit(key, block)
 
+    def _priority(self, block) -> float:
+        """Lower goes first."""
+        return next(self._uses)
+
     def on_hit(self, key, block) -> None:
-        use = next(self._uses)
-        self._last_use[key] = use
+        rank = self._rank[key] = self._priority(block)
         if key not in self._children:
-            self._leaves.set(key, use)
+            self._leaves.set(key, rank)
 
     def on_remove(self, key) -> None:
-        if key in self._last_use:
+        if key in self._rank:
             self._leaves.discard(key)
             self._forget(key)
 
@@ -57,7 +61,7 @@ class PrefixLRU(EvictionPolicy):
 
     def _forget(self, key) -> None:
         """Drop a block that left the tier; its parent becomes a leaf when this was its last child."""
-        del self._last_use[key]
+        del self._rank[key]
         parent = self._parent.pop(key)
         if parent is None:
             return
@@ -66,8 +70,8 @@ class PrefixLRU(EvictionPolicy):
             self._children[parent] = left
             return
         del self._children[parent]
-        if parent in self._last_use:
-            self._leaves.set(parent, self._last_use[parent])
+        if parent in self._rank:
+            self._leaves.set(parent, self._rank[parent])
 
     def __len__(self) -> int:
-        return len(self._last_use)
+        return len(self._rank)

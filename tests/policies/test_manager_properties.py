@@ -79,7 +79,7 @@ class Program:
             clock=lambda: self.now,
             block_bytes=1,
         )
-        self.leaf_first = eviction == "prefix_lru"
+        self.leaf_first = eviction in ("prefix_lru", "cost_aware")
         self.running = []  # ops the data plane has started: no longer cancellable
         self.requests = []
         self.waiting = []
