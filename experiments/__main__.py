@@ -13,6 +13,7 @@ from experiments import bench as _bench_pkg
 
 APPS = {
     "replay": "experiments.replay",
+    "simulate": "experiments.simulate",
     "sweep": "experiments.sweep",
 }
 

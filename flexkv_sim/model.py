@@ -1,0 +1,173 @@
+"""What a model costs: KV bytes per token and the time of one engine step.
+
+A step's time is ``overhead + max(line(T, A, K) for line in lines)``, each line
+linear in the step's tokens ``T``, its attention pairs ``A`` (new token x context
+token, summed over the batch) and the KV tokens ``K`` it reads. The roofline has
+two lines (compute, memory); a measured profile has one, fitted by least squares.
+Lines keep decode analytic: with ``B`` sequences decoding, ``A = K`` grows by
+``B`` per step, so the time of ``n`` steps is a sum of arithmetic series and the
+engine can jump over a run of decode steps in one event (``DecodeRun``).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from flexkv_sim.hardware import GpuSpec
+
+#: (constant, per token, per attention pair, per KV token read), in seconds
+Line = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture figures that set KV size and FLOPs.
+
+    ``mla_latent_dim`` (DeepSeek MLA) replaces K and V by one latent per token
+    and layer; attention then runs over the latent (``mla_value_dim`` for PV).
+    """
+
+    name: str
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    params: float
+    active_params: float | None = None  # MoE: parameters used per token
+    weight_bytes_per_param: float = 2.0
+    kv_bytes_per_element: float = 2.0
+    mla_latent_dim: int | None = None
+    mla_value_dim: int | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> ModelSpec:
+        names = {f.name for f in fields(cls)}
+        unknown = set(cfg) - names
+        if unknown:
+            raise ValueError(f"unknown model keys {sorted(unknown)}; valid: {sorted(names)}")
+        return cls(**cfg)
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        if self.mla_latent_dim:
+            return self.layers * self.mla_latent_dim * self.kv_bytes_per_element
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.kv_bytes_per_element
+
+    def block_bytes(self, tokens_per_block: int) -> int:
+        return int(self.kv_bytes_per_token * tokens_per_block)
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.weight_bytes_per_param
+
+    @property
+    def flops_per_token(self) -> float:
+        """Dense FLOPs of one token through the weights (2 per multiply-add)."""
+        return 2.0 * (self.active_params or self.params)
+
+    @property
+    def flops_per_attention_pair(self) -> float:
+        """FLOPs of one query token attending to one context token: QK^T and PV."""
+        if self.mla_latent_dim:
+            qk, v = self.mla_latent_dim, self.mla_value_dim or self.mla_latent_dim
+        else:
+            qk = v = self.head_dim
+        return 2.0 * self.layers * self.q_heads * (qk + v)
+
+
+class StepTime:
+    """Seconds of one forward pass over a batch."""
+
+    def __init__(self, lines: Sequence[Line], overhead_s: float = 0.0) -> None:
+        if not lines:
+            raise ValueError("a step-time model needs at least one line")
+        self.lines = tuple(tuple(float(c) for c in line) for line in lines)
+        self.overhead_s = overhead_s
+
+    def __call__(self, tokens: float, attention_pairs: float, kv_tokens: float) -> float:
+        longest = 0.0
+        for c, t, a, k in self.lines:
+            seconds = c + t * tokens + a * attention_pairs + k * kv_tokens
+            if seconds > longest:
+                longest = seconds
+        return self.overhead_s + longest
+
+    def prefill_chunk(self, chunk: int, context: int) -> tuple[int, int, int]:
+        """(tokens, attention pairs, KV tokens) of ``chunk`` new tokens after ``context`` cached ones."""
+        return chunk, chunk * context + chunk * (chunk + 1) // 2, context + chunk
+
+    def decode_run(self, batch: int, context_sum: int) -> DecodeRun:
+        """Steps of ``batch`` sequences decoding together, their contexts summing to ``context_sum``."""
+        return DecodeRun(self, batch, context_sum)
+
+
+class DecodeRun:
+    """Cumulative time of consecutive decode steps with a fixed batch, in closed form.
+
+    Step ``k`` (0-based) reads ``context_sum + batch * k`` KV tokens; its time is
+    ``overhead + max_i(a_i + b_i k)``. The upper envelope of the lines is split
+    into segments, each an arithmetic series.
+    """
+
+    def __init__(self, model: StepTime, batch: int, context_sum: int) -> None:
+        self.overhead_s = model.overhead_s
+        self.lines = [(c + t * batch + (a + k) * context_sum, (a + k) * batch) for c, t, a, k in model.lines]
+
+    def elapsed(self, steps: int) -> float:
+        """Seconds taken by the first ``steps`` steps."""
+        total = steps * self.overhead_s
+        k = 0
+        while k < steps:
+            a, b = max(self.lines, key=lambda line: (line[0] + line[1] * k, line[1]))
+            end = steps
+            for a2, b2 in self.lines:
+                if b2 > b:  # a steeper line overtakes this one at the first k where it is larger
+                    end = min(end, max(k + 1, math.floor((a - a2) / (b2 - b)) + 1))
+            n = end - k
+            total += n * a + b * (k + end - 1) * n / 2
+            k = end
+        return total
+
+    def steps_by(self, seconds: float, limit: int) -> int:
+        """Fewest steps (at least 1, at most ``limit``) whose time reaches ``seconds``: the step running then ends."""
+        low, high = 1, limit
+        while low < high:
+            mid = (low + high) // 2
+            if self.elapsed(mid) >= seconds:
+                high = mid
+            else:
+                low = mid + 1
+        return low
+
+
+def roofline(model: ModelSpec, gpu: GpuSpec) -> StepTime:
+    """Step time as the larger of compute time and HBM time, at the configured efficiencies."""
+    flops = gpu.count * gpu.peak_flops * gpu.mfu
+    bandwidth = gpu.count * gpu.hbm_bandwidth * gpu.mbu
+    compute: Line = (0.0, model.flops_per_token / flops, model.flops_per_attention_pair / flops, 0.0)
+    memory: Line = (model.weight_bytes / bandwidth, 0.0, 0.0, model.kv_bytes_per_token / bandwidth)
+    return StepTime([compute, memory], gpu.step_overhead_s)
+
+
+def profile(path: str | Path) -> StepTime:
+    """Step time fitted to a measured table with columns ``tokens, context, seconds``.
+
+    ``tokens`` are the batch's new tokens, ``context`` the KV tokens its sequences
+    attend to in total. The fit is ``seconds = c0 + c1 tokens + c2 context``
+    (least squares), which keeps decode runs analytic.
+    """
+    with Path(path).open(newline="") as handle:
+        rows = [(float(r["tokens"]), float(r["context"]), float(r["seconds"])) for r in csv.DictReader(handle)]
+    if len(rows) < 3:
+        raise ValueError(f"profile {path} needs at least 3 rows of tokens, context, seconds; got {len(rows)}")
+    table = np.array(rows)
+    design = np.column_stack([np.ones(len(table)), table[:, 0], table[:, 1]])
+    (c0, c1, c2), *_ = np.linalg.lstsq(design, table[:, 2], rcond=None)
+    return StepTime([(c0, c1, 0.0, c2)])

@@ -1,0 +1,80 @@
+"""Model figures and the closed-form decode runs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from omegaconf import OmegaConf
+
+from flexkv_sim.hardware import GpuSpec, HardwareSpec
+from flexkv_sim.model import ModelSpec, StepTime, profile, roofline
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+KIB = 1024
+
+
+def model(name: str) -> ModelSpec:
+    return ModelSpec.from_config(OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{name}.yaml")))
+
+
+@pytest.mark.parametrize("name, per_token", [
+    ("llama3_1_8b", 128 * KIB), ("qwen3_8b", 144 * KIB), ("qwen3_32b", 256 * KIB), ("llama3_70b", 320 * KIB),
+    ("deepseek_v3", 61 * 576 * 2),  # MLA latent: 68.6 KiB
+])
+def test_kv_bytes_per_token_match_the_reference_figures(name, per_token):
+    spec = model(name)
+    assert spec.kv_bytes_per_token == per_token
+    assert spec.block_bytes(16) == 16 * per_token
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "hierarchy").glob("*.yaml")), ids=lambda p: p.stem)
+def test_hierarchies_parse_and_leave_room_for_kv(path):
+    hw = HardwareSpec.from_config(OmegaConf.to_container(OmegaConf.load(path)))
+    assert hw.name == path.stem and hw.cpu is not None and hw.ssd is not None
+    assert hw.gpu.kv_blocks(weight_bytes=1e9, block_bytes=2**20) > 0
+
+
+def test_roofline_is_compute_bound_for_prefill_and_memory_bound_for_decode():
+    spec, gpu = model("llama3_1_8b"), GpuSpec(step_overhead_s=0.0)
+    step = roofline(spec, gpu)
+    prefill = step(*step.prefill_chunk(8192, 0))
+    assert prefill == pytest.approx(8192 * spec.flops_per_token / (gpu.peak_flops * gpu.mfu), rel=0.15)
+    decode = step(1, 1000, 1000)
+    assert decode == pytest.approx((spec.weight_bytes + 1000 * spec.kv_bytes_per_token)
+                                   / (gpu.hbm_bandwidth * gpu.mbu))
+
+
+lines = st.tuples(*(st.floats(0.0, 1e-3) for _ in range(4)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(lines, min_size=1, max_size=3), st.integers(1, 64), st.integers(0, 10_000), st.integers(1, 300),
+       st.floats(0.0, 1e-3))
+def test_decode_run_equals_the_steps_one_by_one(step_lines, batch, context, steps, overhead):
+    step = StepTime(step_lines, overhead)
+    run = step.decode_run(batch, context)
+    total = 0.0
+    for k in range(steps):
+        total += step(batch, context + batch * k, context + batch * k)
+        assert run.elapsed(k + 1) == pytest.approx(total, rel=1e-9, abs=1e-12)
+    # a moment inside step k is found to belong to step k
+    for k in (1, steps // 2, steps):
+        if k and run.elapsed(k) - run.elapsed(k - 1) > 1e-9 * run.elapsed(k):
+            assert run.steps_by((run.elapsed(k - 1) + run.elapsed(k)) / 2, steps) == k
+
+
+def test_profile_fit_recovers_a_linear_table(tmp_path):
+    path = tmp_path / "profile.csv"
+    rows = [(t, c, 0.002 + 1e-5 * t + 1e-7 * c) for t in (1, 8, 512, 4096) for c in (100, 5000, 50000)]
+    path.write_text("tokens,context,seconds\n" + "\n".join(f"{t},{c},{s}" for t, c, s in rows))
+    step = profile(path)
+    assert step(2048, 0, 20_000) == pytest.approx(0.002 + 1e-5 * 2048 + 1e-7 * 20_000)
+
+
+def test_a_misspelt_tier_key_fails_instead_of_dropping_the_tier():
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "hierarchy" / "h100_pcie5_nvme4.yaml"))
+    cfg["cpu"] = {"capacity_byte": 1e9}
+    with pytest.raises(ValueError, match="unknown cpu keys"):
+        HardwareSpec.from_config(cfg)
