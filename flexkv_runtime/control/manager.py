@@ -304,6 +304,7 @@ class CacheManager:
         selective = self.write_policy == "selective"
         on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
         protect = self.protect_prefix
+        make_room, admits_all = self._make_room, cpu.admits_all
         get, create = index.get, index.create
         parent = index.chain(keys, start)
         storing: list[Block] = []
@@ -334,7 +335,7 @@ class CacheManager:
             previous = block.parent
             if previous is not None and protect:
                 previous.pins += 1  # the prefix this block extends must not make its room
-            room = self._admit(cpu, block, request_tokens)
+            room = make_room(cpu, block) if admits_all else self._admit(cpu, block, request_tokens)
             if previous is not None and protect:
                 previous.pins -= 1
             if room is None:
