@@ -12,6 +12,7 @@ Config (a plain mapping, or an OmegaConf one; the keys of the Hydra
     cpu:                      # required
       capacity_bytes: 8e9     # or capacity_blocks: N
       pin_memory: auto        # auto (pinned when CUDA is available) | true | false
+      eviction: ...           # optional, this tier's own eviction (and admission) policy
     ssd:                      # optional; omit or null for a CPU-only hierarchy
       capacity_bytes: 100e9   # or capacity_blocks: N; on disk each block takes 4 KiB more (header), rounded up
       dirs: [/nvme0/kv, /nvme1/kv]  # blocks stripe round-robin over them
@@ -24,7 +25,7 @@ Config (a plain mapping, or an OmegaConf one; the keys of the Hydra
       recovery_check: header  # header (4 KiB per block at start) | full (re-checksum every block)
       compact_min_records: 4096
     eviction: lru             # a policy name or {name: ..., params...}; offline policies are refused
-    admission: always
+    admission: always         # guards the CPU tier; slower tiers take what the write policy sends
     prefetch: none
     write_policy: write_through   # write_through | write_back | selective
     selective_hits: 2
@@ -57,11 +58,13 @@ from flexkv_runtime.data.transfer import TransferEngine
 log = logging.getLogger(__name__)
 
 _CAPACITY_KEYS = {"capacity_bytes", "capacity_blocks"}
+#: what a tier section gives the control plane; the rest of it is for the data plane
+_TIER_POLICY_KEYS = {"eviction", "admission"}
 _KEYS = {
     "": {"cpu", "ssd", "eviction", "admission", "prefetch", "write_policy", "selective_hits", "transfer"},
-    "cpu": _CAPACITY_KEYS | {"pin_memory"},
-    "ssd": _CAPACITY_KEYS | {"dirs", "io_threads", "files_per_dir", "direct_io", "fsync", "preallocate",
-                             "max_bytes", "recovery_check", "compact_min_records"},
+    "cpu": _CAPACITY_KEYS | _TIER_POLICY_KEYS | {"pin_memory"},
+    "ssd": _CAPACITY_KEYS | _TIER_POLICY_KEYS | {"dirs", "io_threads", "files_per_dir", "direct_io", "fsync",
+                                                 "preallocate", "max_bytes", "recovery_check", "compact_min_records"},
     "transfer": {"backend"},
 }
 _BACKENDS = ("auto", "torch", "triton")
@@ -94,27 +97,25 @@ class KVRuntime:
     def _start(self, block_bytes: int) -> None:
         cfg = self.config
         policies = {name: cfg[name] for name in _POLICY_DEFAULTS}
-        cpu_blocks = tier_capacity_blocks("cpu", _capacity(cfg["cpu"], "cpu"), block_bytes)
-        tiers = {"cpu": cpu_blocks}
-        pool = CpuPool(cpu_blocks, block_bytes, pin=cfg["cpu"].get("pin_memory", "auto"))
+        blocks = {name: tier_capacity_blocks(name, _capacity(cfg[name], name), block_bytes)
+                  for name in ("cpu", "ssd") if cfg.get(name)}
+        pool = CpuPool(blocks["cpu"], block_bytes, pin=cfg["cpu"].get("pin_memory", "auto"))
         store = None
         ssd = cfg.get("ssd")
         if ssd:
-            tiers["ssd"] = tier_capacity_blocks("ssd", _capacity(ssd, "ssd"), block_bytes)
-            options = {k: v for k, v in ssd.items() if k not in _CAPACITY_KEYS | {"dirs"}}
-            store = SsdStore(ssd["dirs"], self.namespace.tag, tiers["ssd"], block_bytes, **options)
+            store = SsdStore(ssd["dirs"], self.namespace.tag, blocks["ssd"], block_bytes, **ssd_store_options(ssd))
         engine = TransferEngine(pool, store, parent_of=self._parent_of, backend=cfg["transfer"]["backend"])
         try:
-            manager = build_manager(tiers=tiers, **policies, data_plane=engine, clock=self.clock,
-                                    block_bytes=block_bytes, allow_offline=False)
+            manager = build_manager(tiers=_tier_specs(cfg, blocks), **policies, data_plane=engine,
+                                    clock=self.clock, block_bytes=block_bytes, allow_offline=False)
             if store is not None:
                 self.adopted = manager.adopt(TierKind.SSD, store.recovered)
         except BaseException:
             engine.shutdown()
             raise
         self.engine, self._manager = engine, manager
-        log.info("KV runtime %s: %d CPU blocks%s of %d bytes; %d blocks adopted from SSD", self.namespace.tag,
-                 cpu_blocks, f", {tiers['ssd']} SSD blocks" if store else "", block_bytes, self.adopted)
+        log.info("KV runtime %s: blocks of %d bytes, tier capacities %s; %d blocks adopted from SSD",
+                 self.namespace.tag, block_bytes, blocks, self.adopted)
 
     def register_kv_caches(self, layers: Sequence[torch.Tensor]) -> kernels.KVLayout:
         """Register the engine's per-layer KV tensors (starting the tiers if the block size was not given)."""
@@ -246,10 +247,21 @@ def _validated(config: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"ssd.dirs must be a non-empty list of directories, got {dirs!r}")
         ssd["dirs"] = [str(d) for d in dirs]
     # A dry run on the real code path checks policy names, parameters and that none needs the future.
-    build_manager(tiers={"cpu": 1, "ssd": 1 if cfg.get("ssd") else 0},
+    build_manager(tiers=_tier_specs(cfg, {name: 1 for name in ("cpu", "ssd") if cfg.get(name)}),
                   **{name: cfg[name] for name in _POLICY_DEFAULTS},
                   data_plane=ImmediateDataPlane(), clock=lambda: 0.0, block_bytes=1, allow_offline=False)
     return cfg
+
+
+def ssd_store_options(ssd: Mapping[str, Any]) -> dict[str, Any]:
+    """``SsdStore`` keyword arguments from a validated ``ssd`` section (not its capacity, dirs or policies)."""
+    return {k: v for k, v in ssd.items() if k not in _CAPACITY_KEYS | _TIER_POLICY_KEYS | {"dirs"}}
+
+
+def _tier_specs(cfg: Mapping[str, Any], blocks: Mapping[str, int]) -> dict[str, dict[str, Any]]:
+    """``build_manager``'s view of the tiers: capacity in blocks plus any per-tier policy."""
+    return {name: {"capacity_blocks": n, **{k: cfg[name][k] for k in _TIER_POLICY_KEYS if cfg[name].get(k)}}
+            for name, n in blocks.items()}
 
 
 def _capacity(spec: Mapping[str, Any], name: str) -> dict[str, int]:

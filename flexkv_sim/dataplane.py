@@ -39,6 +39,9 @@ class SimDataPlane:
             return True
         return False
 
+    def release(self, tier, slots: list[int]) -> None:
+        """A simulated store keeps nothing across runs: nothing to forget."""
+
     def _move(self, op: TransferOp):
         if op.op_id not in self._not_started:
             return  # cancelled before it started

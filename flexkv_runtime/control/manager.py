@@ -400,6 +400,8 @@ class CacheManager:
         tier.stats.evictions += 1
         after = self._copy_down([victim], source=tier, next_only=True) if self.write_policy == "write_back" else ()
         slot = self.index.detach(victim, tier.kind)
+        if tier.kind != CPU:
+            self.data_plane.release(tier.kind, [slot])
         block.pins -= 1
         return slot, after
 
@@ -601,7 +603,10 @@ class CacheManager:
 
     def _drop(self, tier: Tier, block: Block) -> None:
         tier.eviction.on_remove(block.key)
-        tier.release_slot(self.index.detach(block, tier.kind))
+        slot = self.index.detach(block, tier.kind)
+        tier.release_slot(slot)
+        if tier.kind != CPU:
+            self.data_plane.release(tier.kind, [slot])
 
     def cancel(self, request_id: Hashable) -> bool:
         """Drop the request's ops that have not started and release their pins.

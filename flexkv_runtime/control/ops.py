@@ -55,6 +55,10 @@ class DataPlane(Protocol):
     def cancel(self, op_id: int) -> bool:
         """Drop an op that has not started; True if it will never run."""
 
+    def release(self, tier: TierKind, slots: list[int]) -> None:
+        """Blocks left a slower tier without an op (evicted, dropped, reset): a
+        persistent store forgets them, so a restart does not bring them back."""
+
 
 class ImmediateDataPlane:
     """Every op succeeds at once: the data plane of timing-free replay.
@@ -77,6 +81,9 @@ class ImmediateDataPlane:
         before = len(self._submitted)
         self._submitted = [op for op in self._submitted if op.op_id != op_id]
         return len(self._submitted) < before
+
+    def release(self, tier: TierKind, slots: list[int]) -> None:
+        """Nothing persists here."""
 
     def drain(self) -> list[TransferOp]:
         ops, self._submitted = self._submitted, []

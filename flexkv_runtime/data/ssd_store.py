@@ -10,10 +10,11 @@ checksum) followed by the block, padded to 4 KiB: O_DIRECT-friendly, and one
 ``pwritev``/``preadv`` per block. A different namespace uses a different
 subdirectory and tag, so it never reads another namespace's blocks.
 
-Integrity. The checksum is xxh3-64 of the block's bytes seeded with its key, so
-a block written for one key never verifies as another. Every read checks the
-header and the checksum; a block that fails is reported as failed (the control
-plane then drops it) and a tombstone goes into the log.
+Integrity. Keys are unsigned 64-bit integers (what ``BlockKeyer`` makes). The
+checksum is xxh3-64 of the block's bytes seeded with its key, so a block written
+for one key never verifies as another. Every read checks the header and the
+checksum; a block that fails is reported as failed (the control plane then
+drops it) and a tombstone goes into the log.
 
 Persistence. ``meta.log`` is an append-only log of fixed-size, CRC-protected
 records (put: slot, key, parent key, checksum, generation; or delete: slot).
@@ -27,7 +28,12 @@ against its on-disk header (``recovery_check="header"``, one 4 KiB read per
 block) or fully re-checksummed (``"full"``), so a torn write is dropped at
 recovery, and anything that slips through is still caught on its first read. The
 log is rewritten with only live records after recovery and whenever it grows past
-``max(compact_min_records, 2 x live blocks)`` records.
+``max(compact_min_records, 2 x live blocks)`` records; that much room is reserved
+for it up front (``fallocate(KEEP_SIZE)``), so data filling a disk cannot starve
+it. The control plane tells the store when it evicts or drops a block
+(``forget``, through ``TransferEngine.release``), so a restart does not bring
+it back.
+A change of geometry (block size, slot count, directories) discards the blocks.
 
 Failures. Out of space (ENOSPC, a short write, or the ``max_bytes`` cap that
 emulates a tiny filesystem: a slot's space counts once it has been written) and
@@ -237,7 +243,8 @@ class SsdStore:
                 found = "unreadable"
             if found != wanted:
                 if found is not None:
-                    log.warning("SSD store %s: geometry changed (%s -> %s); discarding its blocks", d.path, found, wanted)
+                    log.warning("SSD store %s: geometry changed (%s -> %s); discarding its blocks",
+                                d.path, found, wanted)
                 for stale in [*d.path.glob("blocks-*.dat"), d.log_path]:
                     stale.unlink(missing_ok=True)
                 _write_atomically(geometry_path, json.dumps(wanted).encode())
@@ -328,7 +335,7 @@ class SsdStore:
                 for i in items:
                     del written[i]
         failed_slots = [slots[i] for i in range(len(slots)) if i not in written]
-        self._forget(failed_slots)
+        self.forget(failed_slots)
         with self._lock:
             self.stats.blocks_written += len(written)
             self.stats.bytes_written += len(written) * self.block_bytes
@@ -392,7 +399,7 @@ class SsdStore:
                 self._count_failure(exc.kind, f"read of slot {slots[i]}: {exc}")
                 if exc.kind != "unknown_blocks":  # that slot may hold another key's good block
                     damaged.append(slots[i])
-        self._forget(damaged)
+        self.forget(damaged)
         with self._lock:
             self.stats.blocks_read += sum(ok)
             self.stats.bytes_read += sum(ok) * self.block_bytes
@@ -463,8 +470,8 @@ class SsdStore:
                 except OSError as exc:  # the records are in; the log just stays long
                     self._count_failure("write_errors", f"compaction of {d.log_path}: {exc}")
 
-    def _forget(self, slots: list[int]) -> None:
-        """Tombstone slots whose block failed, so a restart does not bring them back."""
+    def forget(self, slots: list[int]) -> None:
+        """Tombstone slots whose block failed or was evicted, so a restart does not bring them back."""
         by_dir: dict[_StoreDir, list[tuple[int, int]]] = {}
         with self._lock:
             for slot in slots:

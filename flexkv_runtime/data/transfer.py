@@ -156,6 +156,12 @@ class TransferEngine:
                     return True
         return False
 
+    def release(self, tier: TierKind, slots: list[int]) -> None:
+        """The control plane evicted or dropped blocks of a slower tier: the SSD store
+        tombstones them (one small log append) so a restart does not revive them."""
+        if tier == TierKind.SSD and self.ssd is not None:
+            self.ssd.forget(list(slots))
+
     def poll(self) -> list[tuple[int, list[Hashable]]]:
         """Finished ops as ``(op_id, failed_keys)``, for the control-plane thread to pass to ``manager.complete``."""
         with self._cv:
