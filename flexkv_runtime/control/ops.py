@@ -23,6 +23,10 @@ class OpKind(str, Enum):
     DEMOTE = "demote"  # the CPU tier down into a slower tier
 
 
+#: "SRC->DST" per tier pair, built once: Enum ``.name`` is slow on a per-op path
+_LINK_NAMES = {(a, b): f"{a.name}->{b.name}" for a in TierKind for b in TierKind}
+
+
 @dataclass(slots=True)
 class TransferOp:
     op_id: int
@@ -43,7 +47,7 @@ class TransferOp:
 
     @property
     def link(self) -> str:
-        return f"{self.src.name}->{self.dst.name}"
+        return _LINK_NAMES[self.src, self.dst]
 
 
 class DataPlane(Protocol):
