@@ -12,6 +12,7 @@ import sys
 from experiments import bench as _bench_pkg
 
 APPS = {
+    "fidelity": "experiments.fidelity",
     "replay": "experiments.replay",
     "simulate": "experiments.simulate",
     "sweep": "experiments.sweep",

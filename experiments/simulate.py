@@ -7,7 +7,9 @@ Examples:
   python -m experiments simulate --multirun eviction=lru,s3fifo simulate.router=round_robin,prefix_aware
 
 Prints a summary table, writes per-request rows (requests.csv, requests.parquet) and
-summary.json to the Hydra output folder, and ends with one JSON line.
+summary.json to the Hydra output folder, and ends with one JSON line. `run` is the
+per-run code path `python -m experiments sweep` shares; it returns the prefix-token
+hit ratio, the objective a Hydra sweeper such as Optuna maximises.
 """
 from __future__ import annotations
 
@@ -34,8 +36,7 @@ def _change(new: float, old: float) -> float | None:
     return new / old - 1.0 if old else None
 
 
-@hydra.main(config_path=CONF_DIR, config_name="simulate", version_base=None)
-def main(cfg: DictConfig) -> None:
+def run(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.scenario:
@@ -68,7 +69,10 @@ def main(cfg: DictConfig) -> None:
     (out_dir / "summary.json").write_text(json.dumps(line, indent=2))
     print(f"per-request results: {out_dir / 'requests.csv'} (and .parquet)")
     print(json.dumps(line))
+    return float(summary["prefix_token_hit_ratio"])
 
+
+main = hydra.main(config_path=CONF_DIR, config_name="simulate", version_base=None)(run)
 
 if __name__ == "__main__":
     main()

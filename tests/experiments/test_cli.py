@@ -58,18 +58,47 @@ def test_impossible_capacity_fails_clearly(tmp_path):
     assert "capacity" in proc.stderr
 
 
-def test_sweep_writes_table_csv_plot_and_belady_is_the_ceiling(tmp_path):
-    out = run("sweep", "workload=chat", "sweep.policies=[lru,arc,belady]", "sweep.capacity_fractions=[0.02,0.1]",
-              "sweep.jobs=1", f"hydra.run.dir={tmp_path}")
+#: a grid small enough for a test where the policies still differ: a GPU cache of 48 blocks, small tiers
+TINY_GRID = ("workload=chat", "workload.num_sessions=30", "hierarchy.gpu.kv_capacity_blocks=48",
+             "hierarchy.ssd.capacity_bytes=2e9", "eviction=lru,arc,belady", "hierarchy.cpu.capacity_bytes=1e9,3e9")
+PLOTS = ("prefix_hit_vs_capacity.png", "ttft_vs_capacity.png", "ttft_cdf_best_worst.png", "link_bytes.png")
+
+
+def test_sweep_is_a_parallel_multirun_with_a_tidy_table_plots_and_belady_on_top(tmp_path):
+    out = run("sweep", *TINY_GRID, f"hydra.sweep.dir={tmp_path}")
     summary = last_json(out.stdout)
-    assert summary["runs"] == 6
-    assert summary["belady_prefix_token_hit_ratio"] >= summary["best_online_prefix_token_hit_ratio"]
-    assert (tmp_path / "results.csv").stat().st_size > 0
-    assert (tmp_path / "prefix_hit_vs_capacity.png").stat().st_size > 10_000
+    assert summary["runs"] == 12  # 3 policies x 2 capacities x the default grid's 2 write policies
+    assert summary["belady_is_ceiling"] and summary["output_dir"] == str(tmp_path)
+    assert f"sweep: 12 runs into {tmp_path}" in out.stdout and str(tmp_path / "results.csv") in out.stdout
+
     import pandas as pd
 
-    frame = pd.read_csv(tmp_path / "results.csv")
-    assert len(frame) == 6 and set(frame.policy) == {"lru", "arc", "belady"}
+    frame = pd.read_parquet(tmp_path / "results.parquet")
+    assert len(frame) == len(pd.read_csv(tmp_path / "results.csv")) == 12
+    assert frame.job.nunique() == 12 and set(frame.eviction) == {"lru", "arc", "belady"}
+    for column in ("hierarchy.cpu.capacity_bytes", "simulate.write_policy", "workload.num_sessions", "model.layers",
+                   "eviction.name", "ttft_p90_s", "link_bytes.pcie_h2d", "prefix_token_hit_ratio"):
+        assert column in frame.columns, column
+    assert set(frame["simulate.write_policy"]) == {"write_through", "write_back"}
+    for _, point in frame.groupby(["simulate.write_policy", "cpu_capacity_gb"]):
+        belady = point[point.eviction == "belady"].prefix_token_hit_ratio.item()
+        assert belady >= point.prefix_token_hit_ratio.max()
+    for plot in PLOTS:
+        assert (tmp_path / plot).stat().st_size > 10_000, plot
+
+
+def test_simulate_multirun_is_the_same_run_and_report(tmp_path):
+    out = run("simulate", "--multirun", "workload=chat", "workload.num_sessions=10", "eviction=lru,s3fifo",
+              "simulate.progress=false", "+hydra.callbacks.report._target_=experiments.sweep.SweepReport",
+              f"hydra.sweep.dir={tmp_path}")
+    assert last_json(out.stdout)["runs"] == 2
+    assert (tmp_path / "0" / "summary.json").exists() and (tmp_path / "results.parquet").exists()
+
+
+def test_a_failing_run_fails_the_sweep(tmp_path):
+    proc = run("sweep", "eviction=lru,nope", "hierarchy.cpu.capacity_bytes=1e9", f"hydra.sweep.dir={tmp_path}",
+               check=False)
+    assert proc.returncode != 0 and "nope" in proc.stderr
 
 
 def test_unknown_command_and_benchmark_are_refused():

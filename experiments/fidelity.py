@@ -1,0 +1,555 @@
+"""`python -m experiments fidelity`: the digital twin, checked against real vLLM on this machine.
+
+1. Calibrate. Real vLLM (the CPU build, a small Llama with dummy weights, ``conf/fidelity.yaml``)
+   runs with the FlexKV connector on prompts of its own. Every engine step is timed with the new
+   tokens it computes and the KV tokens it reads (the step-time profile the simulator fits),
+   loads from the CPU tier are timed end to end through the connector, and the logic of
+   ``bench copy`` and ``bench ssd`` measures the copy and SSD bandwidths.
+2. Serve. Both caches are emptied and the workload is served in real time, each request added
+   at its arrival time. For every request the connector's decision is logged through vLLM's
+   connector API (blocks from vLLM's own prefix cache, from the CPU tier, from the SSD tier)
+   with its time to first token.
+3. Simulate and compare. The simulator, given the measured profile and links and the same
+   tiers and policies, serves the same workload. Per request: |sim - real| / real of TTFT, and
+   whether the blocks served from each tier match. A second real run, compared with the first the
+   same way, gives the real system's own run-to-run error: the floor for the twin's. The last
+   line is one JSON object.
+
+The real engine runs in a subprocess (``python -m experiments.fidelity JOB.json``) with the
+environment of ``fidelity.engine_env``; ``fidelity.measured=<measured.json>`` simulates and
+compares again from an earlier run's measurements, without vLLM.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.common import CONF_DIR, PROJECT_ROOT, load_workload
+from flexkv_sim.engine import EngineConfig
+from flexkv_sim.hardware import HardwareSpec
+from flexkv_sim.metrics import request_frame
+from flexkv_sim.model import ModelSpec
+from flexkv_sim.simulator import Simulation
+from flexkv_sim.workloads.request import Workload
+
+TIERS = ("gpu", "cpu", "ssd")
+#: per-request columns both sides report besides ``ttft_s``: the blocks each tier served
+DECISION_COLUMNS = tuple(f"{tier}_hit_blocks" for tier in TIERS)
+
+
+# --------------------------------------------------------------- the comparison
+
+
+def compare(real: pd.DataFrame, sim: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Join the two runs by ``request_id`` (columns ``ttft_s`` and ``DECISION_COLUMNS`` on each side).
+
+    Returns one row per request (``ttft_real_s``, ``ttft_sim_s``, ``ttft_err``, each side's blocks
+    per tier, ``decision_agrees``: the same blocks from every tier, ``hit_blocks_agree``: the same
+    blocks from the cache in all) and the summary: median and p90 of the TTFT error and whether
+    every request's decision agrees. Two real runs compare the same way (the second as "sim").
+    """
+    columns = ["request_id", "ttft_s", *DECISION_COLUMNS]
+    missing = {side: sorted(set(columns) - set(frame.columns)) for side, frame in (("real", real), ("sim", sim))}
+    if any(missing.values()):
+        raise ValueError(f"missing columns: {missing}")
+    joined = real[columns].merge(sim[columns], on="request_id", how="outer", suffixes=("_real", "_sim"),
+                                 indicator=True)
+    unmatched = joined[joined["_merge"] != "both"].request_id.tolist()
+    if unmatched:
+        raise ValueError(f"requests served by only one side: {unmatched[:10]}")
+    frame = joined.drop(columns="_merge").rename(columns={"ttft_s_real": "ttft_real_s", "ttft_s_sim": "ttft_sim_s"})
+    frame["ttft_err"] = (frame.ttft_sim_s - frame.ttft_real_s).abs() / frame.ttft_real_s
+    frame["decision_agrees"] = np.logical_and.reduce(
+        [frame[f"{c}_real"] == frame[f"{c}_sim"] for c in DECISION_COLUMNS])
+    frame["hit_blocks_agree"] = (sum(frame[f"{c}_real"] for c in DECISION_COLUMNS)
+                                 == sum(frame[f"{c}_sim"] for c in DECISION_COLUMNS))
+    errors = frame.ttft_err.to_numpy()
+    summary = {
+        "requests": len(frame),
+        "ttft_err_median": round(float(np.median(errors)), 4),
+        "ttft_err_p90": round(float(np.percentile(errors, 90)), 4),
+        "decisions_agree": bool(frame.decision_agrees.all()),
+        "decisions_agreeing": int(frame.decision_agrees.sum()),
+        "hit_blocks_agreeing": int(frame.hit_blocks_agree.sum()),
+        "ttft_real_median_s": round(float(frame.ttft_real_s.median()), 4),
+        "ttft_sim_median_s": round(float(frame.ttft_sim_s.median()), 4),
+    }
+    for tier in TIERS:
+        summary[f"{tier}_hit_blocks_real"] = int(frame[f"{tier}_hit_blocks_real"].sum())
+        summary[f"{tier}_hit_blocks_sim"] = int(frame[f"{tier}_hit_blocks_sim"].sum())
+    return frame, summary
+
+
+def served_from(frame: pd.DataFrame, side: str = "real") -> pd.Series:
+    """How each request's prefix was served, named by the slowest tier it came from ('miss': none)."""
+    names = pd.Series("miss", index=frame.index)
+    for tier in TIERS:  # later tiers overwrite: the slowest one used names the request
+        names = names.mask(frame[f"{tier}_hit_blocks_{side}"] > 0, f"{tier.upper()} hit")
+    return names
+
+
+def plot_ttft(frame: pd.DataFrame, summary: dict[str, Any], path: Path) -> Path:
+    """Simulated against measured TTFT, one point per request, by how the real engine served it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 6.5))
+    real, sim = 1e3 * frame.ttft_real_s, 1e3 * frame.ttft_sim_s
+    low, high = 0.8 * min(real.min(), sim.min()), 1.25 * max(real.max(), sim.max())
+    line = np.geomspace(low, high, 50)
+    ax.plot(line, line, color="black", linewidth=1, label="simulated = measured")
+    ax.fill_between(line, 0.9 * line, 1.1 * line, color="green", alpha=0.15, label="within ±10%")
+    ax.fill_between(line, 0.75 * line, 1.25 * line, color="green", alpha=0.07, label="within ±25%")
+    kinds = served_from(frame)
+    for kind, marker in zip(("miss", "GPU hit", "CPU hit", "SSD hit"), "osD^"):
+        chosen = kinds == kind
+        if chosen.any():
+            agree = chosen & frame.decision_agrees
+            ax.scatter(real[agree], sim[agree], marker=marker, s=30, label=f"{kind} ({int(chosen.sum())})")
+            if (chosen & ~frame.decision_agrees).any():
+                ax.scatter(real[chosen & ~frame.decision_agrees], sim[chosen & ~frame.decision_agrees], marker=marker,
+                           s=60, facecolors="none", edgecolors="red")
+    if not frame.decision_agrees.all():
+        ax.scatter([], [], marker="o", s=60, facecolors="none", edgecolors="red", label="hit/miss decision differs")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(low, high)
+    ax.set_ylim(low, high)
+    ax.set_xlabel("measured TTFT on real vLLM with the connector (ms, log scale)")
+    ax.set_ylabel("simulated TTFT (ms, log scale)")
+    floor = (f"\na second real run against the first: median {100 * summary['real_rerun_ttft_err_median']:.1f}%, "
+             f"p90 {100 * summary['real_rerun_ttft_err_p90']:.1f}%" if "real_rerun_ttft_err_median" in summary else "")
+    ax.set_title(f"Digital twin vs real vLLM, {summary['requests']} requests: TTFT error median "
+                 f"{100 * summary['ttft_err_median']:.1f}%, p90 {100 * summary['ttft_err_p90']:.1f}%{floor}\n"
+                 f"blocks per tier agree for {summary['decisions_agreeing']} of {summary['requests']} requests, "
+                 f"cached blocks in all for {summary['hit_blocks_agreeing']}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", title="how the real engine served the prefix", title_fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class Prompt:
+    request_id: str
+    tokens: list[int]
+    max_tokens: int
+    arrival_s: float = 0.0
+
+
+def block_tokens(block_id: int, tokens_per_block: int, vocab_size: int) -> np.ndarray:
+    """The tokens a block id stands for: equal ids, equal tokens; distinct ids, (almost surely) distinct tokens."""
+    return np.random.default_rng([block_id, 0x5EED]).integers(3, vocab_size, tokens_per_block)
+
+
+def prompts_of(workload: Workload, vocab_size: int) -> list[Prompt]:
+    """The workload's requests as token prompts whose shared prefixes are exactly its shared block ids."""
+    tpb = workload.tokens_per_block
+    prompts = []
+    for request in workload.requests:
+        tokens = np.concatenate([block_tokens(b, tpb, vocab_size) for b in request.block_ids])[: request.input_length]
+        prompts.append(Prompt(str(request.request_id), tokens.tolist(), max(1, request.output_length),
+                              request.arrival_s))
+    return prompts
+
+
+def random_prompt(rng: np.random.Generator, length: int, vocab_size: int) -> list[int]:
+    return rng.integers(3, vocab_size, length).tolist()
+
+
+# --------------------------------------------------------------- calibration
+
+
+def step_profile(steps: Sequence[tuple[int, int, float]], path: Path) -> Path:
+    """The simulator's profile CSV (``tokens, context, seconds``, steps that computed tokens).
+
+    Calibration repeats every step shape, and each shape keeps its median time; shapes still far
+    off a first linear fit (over 3 robust deviations: steps slowed by other processes on a shared
+    machine) are dropped, so that the simulator's least-squares fit follows the engine, not the noise.
+    A small model's attention costs less than the noise: when the KV tokens read come out with a
+    negative weight, the profile leaves them out (context 0), since a negative step time is no time.
+    """
+    frame = pd.DataFrame(steps, columns=["tokens", "context", "seconds"])
+    frame = frame[frame.tokens > 0].groupby(["tokens", "context"], as_index=False).seconds.median()
+    design = np.column_stack([np.ones(len(frame)), frame.tokens, frame.context])
+    coefficients, *_ = np.linalg.lstsq(design, frame.seconds, rcond=None)
+    residuals = frame.seconds - design @ coefficients
+    spread = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
+    frame = frame[np.abs(residuals) <= 3 * max(spread, 1e-4)].copy()
+    design = np.column_stack([np.ones(len(frame)), frame.tokens, frame.context])
+    if np.linalg.lstsq(design, frame.seconds, rcond=None)[0][2] < 0:
+        frame["context"] = 0
+    frame.to_csv(path, index=False)
+    return path
+
+
+def _last_json(run: Callable[[], Any]) -> dict[str, Any]:
+    """Run a benchmark's ``main`` quietly and return the JSON object it ends with."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        run()
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def measure_copy(model: DictConfig, block_size: int, iters: int) -> dict[str, float]:
+    """``bench copy`` on the engine's KV layout: gather is a store (engine -> CPU tier), scatter a load."""
+    from experiments.bench import copy as bench_copy
+
+    args = ["--layers", model.layers, "--kv-heads", model.kv_heads, "--head-dim", model.head_dim,
+            "--block-size", block_size, "--blocks", 64, "--iters", iters]
+    result = _last_json(lambda: bench_copy.main([str(a) for a in args]))
+    return {"h2d_gbps": result["scatter_gbps"], "d2h_gbps": result["gather_gbps"]}
+
+
+def measure_ssd(directory: Path, block_bytes: int, mib: int) -> dict[str, float]:
+    """``bench ssd`` with the tier's block size in its directory."""
+    from experiments.bench import ssd as bench_ssd
+
+    args = ["--dir", directory, "--gib", mib / 1024, "--block-mib", block_bytes / 2**20, "--no-progress"]
+    result = _last_json(lambda: bench_ssd.main([str(a) for a in args]))
+    return {"ssd_read_gbps": result["read_gbps"], "ssd_write_gbps": result["write_gbps"]}
+
+
+# -------------------------------------------------------------- real engine
+
+
+def llama_config(model: DictConfig, max_model_len: int) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": model.hidden_size,
+        "intermediate_size": model.intermediate_size, "num_hidden_layers": model.layers,
+        "num_attention_heads": model.q_heads, "num_key_value_heads": model.kv_heads, "head_dim": model.head_dim,
+        "vocab_size": model.vocab_size, "max_position_embeddings": max_model_len, "torch_dtype": "bfloat16",
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False,
+    }
+
+
+def model_spec(model: DictConfig) -> ModelSpec:
+    """The simulator's view of the Llama: KV bytes per token and parameter count."""
+    hidden, q, kv = model.hidden_size, model.q_heads * model.head_dim, model.kv_heads * model.head_dim
+    layer = hidden * (2 * q + 2 * kv) + 3 * hidden * model.intermediate_size
+    return ModelSpec(name=model.name, layers=model.layers, q_heads=model.q_heads, kv_heads=model.kv_heads,
+                     head_dim=model.head_dim, params=model.layers * layer + 2 * model.vocab_size * hidden)
+
+
+class RealEngine:
+    """vLLM with the FlexKV connector in this process: its steps timed, its decisions logged.
+
+    The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that its
+    scheduler, and the scheduler half of the connector, can be watched through vLLM's own
+    connector API: ``get_num_new_matched_tokens`` (vLLM's local prefix-cache hit) and
+    ``get_external_cache_hit_sources`` (the connector's hit per tier) once blocks are allocated.
+    """
+
+    def __init__(self, cfg: DictConfig, work_dir: Path) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm import LLM
+        from vllm.config import KVTransferConfig
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        from connector.flexkv_connector import WORKER_EXTENSION
+
+        engine, connector = cfg.engine, cfg.connector
+        model_dir = work_dir / "model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir / "config.json").write_text(json.dumps(llama_config(cfg.model, engine.max_model_len)))
+        self.block_size = int(engine.block_size)
+        self.block_bytes = model_spec(cfg.model).block_bytes(self.block_size)
+        extra: dict[str, Any] = {"cpu_blocks": int(connector.cpu_blocks), "write_policy": connector.write_policy,
+                                 **{kind: OmegaConf.to_container(cfg[kind]) for kind in ("eviction", "admission",
+                                                                                         "prefetch")}}
+        if connector.ssd_blocks:
+            extra |= {"config": "cpu_ssd", "ssd_blocks": int(connector.ssd_blocks),
+                      "ssd_dirs": [str(work_dir / "ssd-tier")]}
+        self.llm = LLM(
+            model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, seed=0, enforce_eager=True,
+            block_size=self.block_size, gpu_memory_utilization=0.2,
+            kv_cache_memory_bytes=int(engine.gpu_blocks) * self.block_bytes, max_model_len=int(engine.max_model_len),
+            max_num_batched_tokens=int(engine.max_num_batched_tokens), max_num_seqs=int(engine.max_num_seqs),
+            worker_extension_cls=WORKER_EXTENSION,
+            kv_transfer_config=KVTransferConfig(
+                kv_connector="FlexKVConnector", kv_connector_module_path="connector.flexkv_connector",
+                kv_role="kv_both", kv_load_failure_policy="recompute", kv_connector_extra_config=extra),
+        )
+        self.engine = self.llm.llm_engine
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+        self.gpu_blocks = int(self.engine.vllm_config.cache_config.num_gpu_blocks)
+        self.steps: list[tuple[int, int, float]] = []  # (new tokens, KV tokens read, seconds)
+        self.decisions: dict[str, dict[str, int]] = {}  # by the request id serve() was given
+        self._given_id: dict[str, str] = {}  # vLLM's request id -> the one serve() was given
+        self._shape = (0, 0)
+        self._watch_scheduler()
+        self._watch_connector(self.scheduler.connector, {CacheHitSource.HOST: "cpu", CacheHitSource.DISK: "ssd"})
+
+    def _watch_scheduler(self) -> None:
+        scheduler, schedule = self.scheduler, self.scheduler.schedule
+
+        def timed_schedule(*args: Any, **kwargs: Any):
+            out = schedule(*args, **kwargs)
+            # after schedule() a request's computed tokens include this step's: the KV the step reads
+            self._shape = (out.total_num_scheduled_tokens,
+                           sum(scheduler.requests[rid].num_computed_tokens for rid in out.num_scheduled_tokens))
+            return out
+
+        scheduler.schedule = timed_schedule
+
+    def _watch_connector(self, connector: Any, tier_of: dict[Any, str]) -> None:
+        local: dict[str, int] = {}
+        matched, allocated = connector.get_num_new_matched_tokens, connector.update_state_after_alloc
+        size = self.block_size
+
+        def get_num_new_matched_tokens(request: Any, num_computed_tokens: int):
+            local[request.request_id] = num_computed_tokens
+            return matched(request, num_computed_tokens)
+
+        def update_state_after_alloc(request: Any, blocks: Any, num_external_tokens: int) -> None:
+            allocated(request, blocks, num_external_tokens)
+            rid = request.request_id
+            given = self._given_id.get(rid, rid)
+            if given in self.decisions:  # re-allocated after a preemption: the first decision counts
+                return
+            decision = {"gpu": local.get(rid, 0) // size, "cpu": 0, "ssd": 0}
+            if num_external_tokens:
+                for source, tokens in connector.get_external_cache_hit_sources(request, num_external_tokens).items():
+                    decision[tier_of.get(source, "cpu")] += tokens // size
+            self.decisions[given] = decision
+
+        connector.get_num_new_matched_tokens = get_num_new_matched_tokens
+        connector.update_state_after_alloc = update_state_after_alloc
+
+    def serve(self, prompts: Sequence[Prompt]) -> dict[str, float]:
+        """Add each prompt at its arrival time (seconds from now) and step until all are done and no
+        transfer is left; returns each request's time to first token."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        pending = deque(sorted(prompts, key=lambda p: p.arrival_s))
+        arrival: dict[str, float] = {}
+        first: dict[str, float] = {}
+        start = time.perf_counter()
+        while pending or self.scheduler.has_requests():
+            now = time.perf_counter() - start
+            while pending and pending[0].arrival_s <= now:
+                prompt = pending.popleft()
+                params = SamplingParams(temperature=0, max_tokens=prompt.max_tokens, ignore_eos=True,
+                                        detokenize=False)
+                rid = self.engine.add_request(prompt.request_id, TokensPrompt(prompt_token_ids=prompt.tokens), params)
+                self._given_id[rid] = prompt.request_id
+                arrival[prompt.request_id] = prompt.arrival_s
+            if not self.scheduler.has_requests():
+                time.sleep(max(0.0, pending[0].arrival_s - now))
+                continue
+            began = time.perf_counter()
+            self._shape = (0, 0)
+            outputs = self.engine.step()
+            ended = time.perf_counter()
+            self.steps.append((*self._shape, ended - began))
+            for output in outputs:
+                if output.request_id not in first and output.outputs and output.outputs[0].token_ids:
+                    first[output.request_id] = ended - start
+        return {rid: first[rid] - arrival[rid] for rid in arrival}
+
+    def totals(self) -> dict[str, float]:
+        from connector.flexkv_connector import connector_totals
+
+        return connector_totals(self.llm)
+
+    def settle_and_empty(self, reset_connector: bool) -> None:
+        """Step until every copy has landed and the scheduler knows it (``serve`` steps while the connector
+        has work), then drop vLLM's prefix cache (and the connector's tiers)."""
+        self.serve([])
+        if not self.llm.reset_prefix_cache(reset_connector=reset_connector):
+            raise RuntimeError("vLLM could not reset its prefix cache")
+
+    def close(self) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def calibrate(real: RealEngine, cfg: DictConfig) -> dict[str, Any]:
+    """Step times, end-to-end CPU-tier load time, on prompts the workload never uses."""
+    c, vocab = cfg.calibration, int(cfg.model.vocab_size)
+    rng = np.random.default_rng(12345)
+    lengths = list(c.prefill_lengths)
+    warmup = [Prompt(f"warm{i}", random_prompt(rng, lengths[i % len(lengths)], vocab), 4)
+              for i in range(int(c.warmup_prompts))]
+    real.serve(warmup)
+    real.steps.clear()
+    for repeat in range(int(c.repeats)):
+        for length in lengths:  # one at a time: prefill chunks alone, then a short decode
+            real.serve([Prompt(f"prefill{repeat}-{length}", random_prompt(rng, length, vocab), 4)])
+        for batch in c.decode_batches:  # decode steps of `batch` sequences
+            real.serve([Prompt(f"decode{repeat}-{batch}-{i}", random_prompt(rng, 64 + 96 * i, vocab),
+                               int(c.decode_tokens)) for i in range(int(batch))])
+    steps = list(real.steps)
+    loads = []
+    for blocks in c.load_blocks:
+        for repeat in range(int(c.repeats)):
+            tokens = random_prompt(rng, int(blocks) * real.block_size + 5, vocab)
+            real.serve([Prompt(f"store{blocks}-{repeat}", tokens, 1)])
+            real.settle_and_empty(reset_connector=False)  # the blocks now come from the CPU tier
+            before = real.totals()
+            real.serve([Prompt(f"load{blocks}-{repeat}", tokens, 1)])
+            after = real.totals()
+            if after.get("loads", 0) > before.get("loads", 0):
+                loads.append((int(blocks), after["load_seconds"] - before.get("load_seconds", 0.0)))
+    real.settle_and_empty(reset_connector=True)
+    return {"steps": steps, "loads": loads}
+
+
+def load_latency(loads: Sequence[tuple[int, float]], block_bytes: int, h2d_bandwidth: float) -> float:
+    """Per-load time beyond the copy itself (the step round trips of an asynchronous load): the median
+    of measured load time less bytes / bandwidth, at least 0."""
+    if not loads:
+        return 0.0
+    return max(0.0, float(np.median([seconds - blocks * block_bytes / h2d_bandwidth for blocks, seconds in loads])))
+
+
+# ---------------------------------------------------------------- simulator
+
+
+def hardware(cfg: DictConfig, gpu_blocks: int, links: dict[str, float]) -> HardwareSpec:
+    """``cfg.hierarchy`` with the engine's KV pool, the connector's tiers and the measured links."""
+    spec = OmegaConf.to_container(cfg.hierarchy, resolve=True)
+    spec["gpu"]["kv_capacity_blocks"] = gpu_blocks
+    spec["pcie"]["h2d"] |= {"bandwidth": links["h2d_gbps"] * 1e9, "latency_s": links["load_latency_s"]}
+    spec["pcie"]["d2h"] |= {"bandwidth": links["d2h_gbps"] * 1e9}
+    spec["cpu"] = {"capacity_blocks": int(cfg.connector.cpu_blocks)}
+    spec["ssd"] |= {"capacity_bytes": None, "capacity_blocks": int(cfg.connector.ssd_blocks)}
+    if "ssd_read_gbps" in links:
+        spec["ssd"]["read"]["bandwidth"] = links["ssd_read_gbps"] * 1e9
+        spec["ssd"]["write"]["bandwidth"] = links["ssd_write_gbps"] * 1e9
+    return HardwareSpec.from_config(spec)
+
+
+def simulate(cfg: DictConfig, workload: Workload, hw: HardwareSpec, profile: Path) -> pd.DataFrame:
+    engine = EngineConfig(max_num_seqs=int(cfg.engine.max_num_seqs),
+                          max_num_batched_tokens=int(cfg.engine.max_num_batched_tokens), step_profile=str(profile))
+    policies = {kind: OmegaConf.to_container(cfg[kind]) for kind in ("eviction", "admission", "prefetch")}
+    simulation = Simulation(workload, hardware=hw, model=model_spec(cfg.model), engine=engine,
+                            write_policy=cfg.connector.write_policy, **policies)
+    frame = request_frame(simulation.run())
+    frame["request_id"] = frame.request_id.astype(str)
+    return frame
+
+
+def real_frame(workload: Workload, ttft: dict[str, float], decisions: dict[str, dict[str, int]]) -> pd.DataFrame:
+    rows = []
+    for request in workload.requests:
+        rid = str(request.request_id)
+        decision = decisions.get(rid, {})
+        rows.append({"request_id": rid, "kind": request.kind, "input_tokens": request.input_length,
+                     "ttft_s": ttft[rid], **{f"{tier}_hit_blocks": decision.get(tier, 0) for tier in TIERS}})
+    return pd.DataFrame(rows)
+
+
+def measure_real(cfg: DictConfig, work_dir: Path) -> dict[str, Any]:
+    """Everything measured on the real system: calibration, the served workload, the links."""
+    load_before = os.getloadavg()[0]  # what else the machine ran meanwhile: the context of every timing here
+    real = RealEngine(cfg, work_dir)
+    try:
+        print("real vLLM: calibrating step times and loads", flush=True)
+        measured = calibrate(real, cfg)
+        workload = load_workload(cfg.workload)
+        prompts = prompts_of(workload, int(cfg.model.vocab_size))
+        runs = []
+        for number in range(1, int(cfg.fidelity.real_runs) + 1):
+            print(f"real vLLM: serving the workload, run {number} of {cfg.fidelity.real_runs} "
+                  f"(~{workload.duration_s:.0f} s)", flush=True)
+            real.decisions.clear()
+            runs.append({"ttft": real.serve(prompts), "decisions": dict(real.decisions)})
+            real.settle_and_empty(reset_connector=True)
+    finally:
+        real.close()
+    # measured after the engine, in its process: the copies run with the threads vLLM left the connector
+    print("real vLLM: done; measuring copy and SSD bandwidth", flush=True)
+    links = measure_copy(cfg.model, real.block_size, int(cfg.calibration.copy_iters))
+    links["load_latency_s"] = load_latency(measured["loads"], real.block_bytes, links["h2d_gbps"] * 1e9)
+    if cfg.connector.ssd_blocks and cfg.calibration.ssd_mib:
+        links |= measure_ssd(work_dir / "bench-ssd", real.block_bytes, int(cfg.calibration.ssd_mib))
+    return {**measured, "runs": runs, "links": links, "gpu_blocks": real.gpu_blocks,
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "block_bytes": real.block_bytes}
+
+
+def run_real_in_subprocess(cfg: DictConfig, work_dir: Path) -> dict[str, Any]:
+    """``measure_real`` in a fresh process: vLLM changes process-wide state (torch threads, logging) and the
+    connector composes its own Hydra config, which cannot happen inside this Hydra app."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    job, result = work_dir / "job.json", work_dir / "result.json"
+    job.write_text(json.dumps({"config": OmegaConf.to_container(cfg, resolve=True), "work_dir": str(work_dir),
+                               "result": str(result)}))
+    env = {**os.environ, **{name: str(value) for name, value in cfg.fidelity.engine_env.items()}}
+    subprocess.run([sys.executable, "-m", "experiments.fidelity", str(job)], cwd=PROJECT_ROOT, env=env, check=True)
+    return json.loads(result.read_text())
+
+
+@hydra.main(config_path=CONF_DIR, config_name="fidelity", version_base=None)
+def main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    work_dir = Path(cfg.fidelity.work_dir) if cfg.fidelity.work_dir else out_dir / "work"
+    workload = load_workload(cfg.workload)
+    print(f"fidelity: {len(workload)} requests over {workload.duration_s:.0f} s on real vLLM, then in the simulator; "
+          f"outputs in {out_dir.resolve()}", flush=True)
+    if cfg.fidelity.measured:  # re-simulate a run measured before
+        measured = json.loads(Path(cfg.fidelity.measured).read_text())
+    else:
+        measured = run_real_in_subprocess(cfg, work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    (out_dir / "measured.json").write_text(json.dumps(measured))
+    links = measured["links"]
+    profile = step_profile(measured["steps"], out_dir / "step_profile.csv")
+    # vLLM keeps one block of its pool as the null block
+    sim = simulate(cfg, workload, hardware(cfg, measured["gpu_blocks"] - 1, links), profile)
+    real_runs = [real_frame(workload, run["ttft"], run["decisions"]) for run in measured["runs"]]
+    frame, summary = compare(real_runs[0], sim)
+    frame.to_csv(out_dir / "comparison.csv", index=False)
+    if len(real_runs) > 1:  # the real system against itself: the floor no model of it can go below
+        rerun = compare(real_runs[0], real_runs[1])[1]
+        summary |= {f"real_rerun_{key}": rerun[key] for key in ("ttft_err_median", "ttft_err_p90", "decisions_agree")}
+    targets = cfg.fidelity.targets
+    summary |= {
+        "meets_targets": bool(summary["decisions_agree"] and summary["ttft_err_median"] <= targets.ttft_err_median
+                              and summary["ttft_err_p90"] <= targets.ttft_err_p90),
+        "calibration": {k: round(v, 6) for k, v in links.items()},
+        "load_average_before_after": measured["load_average"],
+        "plot": str(plot_ttft(frame, summary, out_dir / "ttft_sim_vs_real.png")),
+        "output_dir": str(out_dir.resolve()),
+    }
+    disagreeing = frame[~frame.decision_agrees]
+    if len(disagreeing):
+        print("requests whose decisions differ (blocks from each tier, real vs sim):")
+        print(disagreeing[["request_id", *(f"{c}_{s}" for c in DECISION_COLUMNS for s in ("real", "sim"))]]
+              .head(20).to_string(index=False))
+    print(f"comparison: {out_dir / 'comparison.csv'}\nmeasured:   {out_dir / 'measured.json'}\n"
+          f"plot:       {summary['plot']}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":  # the real-engine half, run by run_real_in_subprocess
+    job = json.loads(Path(sys.argv[1]).read_text())
+    measured = measure_real(OmegaConf.create(job["config"]), Path(job["work_dir"]))
+    Path(job["result"]).write_text(json.dumps(measured))
