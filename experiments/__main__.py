@@ -14,6 +14,7 @@ from experiments import bench as _bench_pkg
 APPS = {
     "fidelity": "experiments.fidelity",
     "replay": "experiments.replay",
+    "research": "experiments.policy_research",
     "simulate": "experiments.simulate",
     "sweep": "experiments.sweep",
 }

@@ -1,8 +1,9 @@
 """KVRuntime: the control plane wired to the real data plane, for the vLLM connector and tests.
 
 It builds the CacheManager (online policies only) over a TransferEngine with a
-CPU pool and, optionally, an SSD store; adopts the blocks the SSD store recovers
-from a previous run; and turns the engine's completions into
+CPU pool and, optionally, an SSD store and a remote store shared with other
+engines; adopts the blocks the SSD store recovers from a previous run and those
+``discover`` finds in the remote store; and turns the engine's completions into
 ``manager.complete`` calls on the caller's thread. Everything here, like the
 manager itself, must be called from one control-plane thread.
 
@@ -24,6 +25,11 @@ Config (a plain mapping, or an OmegaConf one; the keys of the Hydra
       max_bytes: null         # cap on bytes written, to emulate a small filesystem
       recovery_check: header  # header (4 KiB per block at start) | full (re-checksum every block)
       compact_min_records: 4096
+    remote:                   # optional; a pool shared across engines and hosts (flexkv_runtime.data.remote.config)
+      capacity_blocks: 1000000  # or capacity_bytes: blocks this engine keeps track of in the store
+      backend: mooncake       # mooncake | redis
+      timeout_s: 1.0          # bound on every store call: past it, a miss
+      mooncake: {master: 127.0.0.1:50051}   # or redis: {url: redis://127.0.0.1:6379/0}
     eviction: lru             # a policy name or {name: ..., params...}; offline policies are refused
     admission: always         # guards the CPU tier; slower tiers take what the write policy sends
     prefetch: none
@@ -52,6 +58,8 @@ from flexkv_runtime.control.keys import Namespace
 from flexkv_runtime.control.manager import CacheManager, RequestDone
 from flexkv_runtime.control.ops import ImmediateDataPlane
 from flexkv_runtime.data.cpu_pool import CpuPool
+from flexkv_runtime.data.remote import RemoteDiscovery, RemoteTier, open_store, validated_remote
+from flexkv_runtime.data.remote.config import REMOTE_KEYS
 from flexkv_runtime.data.ssd_store import SsdStore
 from flexkv_runtime.data.transfer import TransferEngine
 
@@ -61,12 +69,14 @@ _CAPACITY_KEYS = {"capacity_bytes", "capacity_blocks"}
 #: what a tier section gives the control plane; the rest of it is for the data plane
 _TIER_POLICY_KEYS = {"eviction", "admission"}
 _KEYS = {
-    "": {"cpu", "ssd", "eviction", "admission", "prefetch", "write_policy", "selective_hits", "transfer"},
+    "": {"cpu", "ssd", "remote", "eviction", "admission", "prefetch", "write_policy", "selective_hits", "transfer"},
     "cpu": _CAPACITY_KEYS | _TIER_POLICY_KEYS | {"pin_memory"},
     "ssd": _CAPACITY_KEYS | _TIER_POLICY_KEYS | {"dirs", "io_threads", "files_per_dir", "direct_io", "fsync",
                                                  "preallocate", "max_bytes", "recovery_check", "compact_min_records"},
+    "remote": REMOTE_KEYS,
     "transfer": {"backend"},
 }
+_LOWER_TIERS = ("ssd", "remote")
 _BACKENDS = ("auto", "torch", "triton")
 _POLICY_DEFAULTS = {"eviction": "lru", "admission": "always", "prefetch": "none", "write_policy": "write_through",
                     "selective_hits": 2}
@@ -86,6 +96,7 @@ class KVRuntime:
         self.clock = clock
         self._manager: CacheManager | None = None
         self.engine: TransferEngine | None = None
+        self.discovery: RemoteDiscovery | None = None
         self.layout: kernels.KVLayout | None = None
         #: blocks found in the SSD store at start and taken into the manager
         self.adopted = 0
@@ -98,13 +109,18 @@ class KVRuntime:
         cfg = self.config
         policies = {name: cfg[name] for name in _POLICY_DEFAULTS}
         blocks = {name: tier_capacity_blocks(name, _capacity(cfg[name], name), block_bytes)
-                  for name in ("cpu", "ssd") if cfg.get(name)}
+                  for name in ("cpu", *_LOWER_TIERS) if cfg.get(name)}
         pool = CpuPool(blocks["cpu"], block_bytes, pin=cfg["cpu"].get("pin_memory", "auto"))
         store = None
         ssd = cfg.get("ssd")
         if ssd:
             store = SsdStore(ssd["dirs"], self.namespace.tag, blocks["ssd"], block_bytes, **ssd_store_options(ssd))
-        engine = TransferEngine(pool, store, parent_of=self._parent_of, backend=cfg["transfer"]["backend"])
+        remote = cfg.get("remote")
+        tier = None
+        if remote:
+            tier = RemoteTier(open_store(remote), self.namespace, block_bytes, batch_bytes=remote["batch_bytes"])
+        engine = TransferEngine(pool, store, remote=tier, parent_of=self._parent_of,
+                                backend=cfg["transfer"]["backend"])
         try:
             manager = build_manager(tiers=_tier_specs(cfg, blocks), **policies, data_plane=engine,
                                     clock=self.clock, block_bytes=block_bytes, allow_offline=False)
@@ -114,6 +130,9 @@ class KVRuntime:
             engine.shutdown()
             raise
         self.engine, self._manager = engine, manager
+        if tier is not None:
+            self.discovery = RemoteDiscovery(tier.store, [self.namespace], max_blocks=remote["discovery_max_blocks"],
+                                             clock=self.clock)
         log.info("KV runtime %s: blocks of %d bytes, tier capacities %s; %d blocks adopted from SSD",
                  self.namespace.tag, block_bytes, blocks, self.adopted)
 
@@ -140,10 +159,27 @@ class KVRuntime:
         block = self._manager.index.get(key)
         return block.parent.key if block is not None and block.parent is not None else None
 
+    # ---------------------------------------------------------------- discovery
+
+    def discover(self, request_id: Hashable, keys: Sequence[Hashable]) -> int | None:
+        """Look for a request's blocks in the remote store, which other engines fill too.
+
+        None while the store is being asked (in the background): call again
+        (or ``poll``) later. Then the number of blocks adopted into the REMOTE
+        tier, which the next ``manager.lookup`` sees; 0 without a remote tier.
+        One ask per request id (see ``RemoteDiscovery.find``).
+        """
+        if self.discovery is None:
+            return 0
+        return self.discovery.find(self.manager, request_id, keys)
+
     # ------------------------------------------------------------- completions
 
     def poll(self) -> list[RequestDone]:
-        """Hand every finished transfer to the manager; returns the requests whose loads/stores are done."""
+        """Hand every finished transfer to the manager and adopt what discovery found;
+        returns the requests whose loads/stores are done."""
+        if self.discovery is not None:
+            self.discovery.settle(self.manager)
         return self._drain()[1]
 
     def _drain(self) -> tuple[int, list[RequestDone]]:
@@ -179,10 +215,13 @@ class KVRuntime:
                 return events
 
     def shutdown(self, timeout: float | None = 60.0) -> list[RequestDone]:
-        """Finish in-flight ops (releasing their pins), then stop every thread and close the SSD store."""
+        """Finish in-flight ops (releasing their pins), then stop every thread and close the stores."""
         if self.engine is None:
             return []
         events = self.flush(timeout)
+        if self.discovery is not None:
+            self.discovery.close()
+            self.discovery = None
         self.engine.shutdown()
         self.engine = None
         if self._manager.ops_in_flight:
@@ -198,7 +237,7 @@ class KVRuntime:
     # ----------------------------------------------------------------- metrics
 
     def prometheus_text(self) -> str:
-        """Transfer and SSD metrics plus per-tier occupancy and counters, in Prometheus text format."""
+        """Transfer, SSD and remote metrics plus per-tier occupancy and counters, in Prometheus text format."""
         lines = [self.engine.prometheus_text().rstrip("\n")]
         lines += ["# HELP flexkv_tier_used_blocks Blocks resident or in flight per tier.",
                   "# TYPE flexkv_tier_used_blocks gauge"]
@@ -208,6 +247,10 @@ class KVRuntime:
             name = f"flexkv_tier_{field}_total"
             lines += [f"# HELP {name} Control plane: {field.replace('_', ' ')} per tier.", f"# TYPE {name} counter"]
             lines += [f'{name}{{tier="{tier}"}} {stats[field]}' for tier, stats in tier_stats.items()]
+        for field, value in (self.discovery.stats if self.discovery is not None else {}).items():
+            name = f"flexkv_remote_discovery_{field}_total"
+            lines += [f"# HELP {name} Remote discovery: {field.replace('_', ' ')}.", f"# TYPE {name} counter",
+                      f"{name} {value}"]
         return "\n".join(lines) + "\n"
 
 
@@ -225,7 +268,7 @@ def _validated(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = {**_POLICY_DEFAULTS, "transfer": {"backend": "auto"}, **config}
     for section, allowed in _KEYS.items():
         value = cfg.get(section) if section else cfg
-        if section == "ssd" and value is None:
+        if section in _LOWER_TIERS and value is None:
             continue
         if section == "cpu" and value is None:
             raise ValueError("runtime config needs a 'cpu' tier: {capacity_bytes: ...} or {capacity_blocks: ...}")
@@ -246,8 +289,14 @@ def _validated(config: Mapping[str, Any]) -> dict[str, Any]:
         if isinstance(dirs, str) or not isinstance(dirs, Sequence) or not dirs:
             raise ValueError(f"ssd.dirs must be a non-empty list of directories, got {dirs!r}")
         ssd["dirs"] = [str(d) for d in dirs]
+    if cfg.get("remote"):
+        cfg["remote"] = validated_remote(cfg["remote"])
+        _capacity(cfg["remote"], "remote")
+        if cfg.get("ssd") and cfg["write_policy"] == "write_back":
+            raise ValueError("write_policy write_back cannot run with both an ssd and a remote tier: blocks evicted "
+                             "from the SSD would move SSD->REMOTE, a link the data plane does not have")
     # A dry run on the real code path checks policy names, parameters and that none needs the future.
-    build_manager(tiers=_tier_specs(cfg, {name: 1 for name in ("cpu", "ssd") if cfg.get(name)}),
+    build_manager(tiers=_tier_specs(cfg, {name: 1 for name in ("cpu", *_LOWER_TIERS) if cfg.get(name)}),
                   **{name: cfg[name] for name in _POLICY_DEFAULTS},
                   data_plane=ImmediateDataPlane(), clock=lambda: 0.0, block_bytes=1, allow_offline=False)
     return cfg

@@ -27,7 +27,7 @@ class TierKind(IntEnum):
 class Block:
     __slots__ = (
         "key", "parent", "depth", "slots", "ready", "pins", "children",
-        "last_access", "hits", "prefill_cost_s", "arriving",
+        "last_access", "hits", "prefill_cost_s", "arriving", "child_records",
     )
 
     def __init__(self, key: Hashable, parent: Block | None, prefill_cost_s: float) -> None:
@@ -45,6 +45,9 @@ class Block:
         self.prefill_cost_s = prefill_cost_s
         #: the op bringing the CPU copy while it is in flight (loads wait for it)
         self.arriving = -1
+        #: children the index holds a record of, resident or not: a block with any is
+        #: never forgotten, or they would point at a record the index no longer has
+        self.child_records = 0
 
     def in_tier(self, tier: int) -> bool:
         return tier in self.slots
@@ -85,6 +88,8 @@ class PrefixIndex:
         while len(costs) <= depth:  # the cost model depends on depth alone: compute each once
             costs.append(self._prefill_cost(len(costs)))
         block = self._blocks[key] = Block(key, parent, costs[depth])
+        if parent is not None:
+            parent.child_records += 1
         return block
 
     def chain(self, keys: Sequence[Hashable], start: int) -> Block | None:
@@ -123,11 +128,13 @@ class PrefixIndex:
             block is not None
             and not block.slots
             and block.pins == 0
-            and not any(block.children)
+            and block.child_records == 0
             and self._blocks.get(block.key) is block
         ):
             del self._blocks[block.key]
             block = block.parent
+            if block is not None:
+                block.child_records -= 1
 
     def blocks(self):
         return self._blocks.values()

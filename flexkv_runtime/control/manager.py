@@ -697,6 +697,8 @@ class CacheManager:
         for block in self.index.blocks():
             assert block.pins >= 0, block
             assert self.index.get(block.key) is block
+            if block.parent is not None:
+                assert self.index.get(block.parent.key) is block.parent, f"{block}'s parent record was forgotten"
             for kind in self.tiers:
                 children = sum(1 for b in self.index.blocks() if b.parent is block and kind in b.slots)
                 assert block.children[kind] == children, (block, kind, block.children[kind], children)

@@ -1,7 +1,8 @@
-"""The real data plane: moves blocks between the engine's KV cache, the CPU pool and the SSD store.
+"""The real data plane: moves blocks between the engine's KV cache, the CPU pool, the SSD store and a remote store.
 
 One worker thread per link (GPU->CPU gather, CPU->GPU scatter, CPU->SSD write,
-SSD->CPU read), so an SSD read never queues behind a GPU copy. The control
+SSD->CPU read, CPU->REMOTE put, REMOTE->CPU get), so an SSD read never queues
+behind a GPU copy and a slow remote store delays only its own links. The control
 plane only submits runnable ops (it resolves ``op.after`` itself), so a worker
 just executes its queue in order. Workers never touch the CacheManager, which is
 not thread-safe: they queue ``(op_id, failed_keys)`` and the control-plane thread
@@ -10,6 +11,10 @@ block on a Condition until ops are done.
 
 On CUDA, GPU copies run on a side stream per link, ordered after the work the
 engine had queued on its current stream when the op was submitted.
+
+A remote get that outlives the tier's timeout is reported failed but may still
+land in its CPU rows later; until it ends those rows are *fenced*: any op that
+would write into one fails that block instead (a miss, never a torn block).
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -27,6 +33,7 @@ import kernels
 from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.ops import TransferOp
 from flexkv_runtime.data.cpu_pool import CpuPool
+from flexkv_runtime.data.remote.tier import RemoteTier
 from flexkv_runtime.data.ssd_store import SsdStore
 
 log = logging.getLogger(__name__)
@@ -35,6 +42,8 @@ GPU_TO_CPU = f"{TierKind.GPU.name}->{TierKind.CPU.name}"
 CPU_TO_GPU = f"{TierKind.CPU.name}->{TierKind.GPU.name}"
 CPU_TO_SSD = f"{TierKind.CPU.name}->{TierKind.SSD.name}"
 SSD_TO_CPU = f"{TierKind.SSD.name}->{TierKind.CPU.name}"
+CPU_TO_REMOTE = f"{TierKind.CPU.name}->{TierKind.REMOTE.name}"
+REMOTE_TO_CPU = f"{TierKind.REMOTE.name}->{TierKind.CPU.name}"
 GPU_LINKS = (GPU_TO_CPU, CPU_TO_GPU)
 SSD_LINKS = (CPU_TO_SSD, SSD_TO_CPU)
 
@@ -60,6 +69,8 @@ class TransferStats:
     links: dict[str, LinkStats]
     #: the SSD store's counters, when there is one
     ssd: dict[str, int] | None
+    #: the remote tier's block and call counters, when there is one
+    remote: dict[str, int] | None = None
 
 
 @dataclass(slots=True)
@@ -79,13 +90,17 @@ class TransferEngine:
         pool: CpuPool,
         ssd: SsdStore | None = None,
         *,
+        remote: RemoteTier | None = None,
         parent_of: Callable[[Hashable], Hashable | None] = lambda key: None,
         backend: str = "auto",
     ) -> None:
         if ssd is not None and ssd.block_bytes != pool.block_bytes:
             raise ValueError(f"SSD blocks of {ssd.block_bytes} bytes but CPU pool slots of {pool.block_bytes}")
+        if remote is not None and remote.block_bytes != pool.block_bytes:
+            raise ValueError(f"remote blocks of {remote.block_bytes} bytes but CPU pool slots of {pool.block_bytes}")
         self.pool = pool
         self.ssd = ssd
+        self.remote = remote
         self.backend = backend
         self._parent_of = parent_of
         self._layers: list[torch.Tensor] | None = None
@@ -95,12 +110,17 @@ class TransferEngine:
         }
         if ssd is not None:
             self._handlers |= {CPU_TO_SSD: self._write_ssd, SSD_TO_CPU: self._read_ssd}
+        if remote is not None:
+            remote.attach(pool.array)
+            self._handlers |= {CPU_TO_REMOTE: self._write_remote, REMOTE_TO_CPU: self._read_remote}
         self._cv = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {link: deque() for link in self._handlers}
         self._stats = {link: LinkStats() for link in self._handlers}
         self._pending: set[int] = set()  # submitted, not yet finished (queued or running)
         self._done: list[tuple[int, list[Hashable]]] = []
         self._logged: set[str] = set()
+        #: CPU row -> remote gets past their deadline that may still write into it
+        self._fenced: dict[int, int] = {}
         self._stopping = False
         self._workers = [
             threading.Thread(target=self._work, args=(link,), name=f"flexkv-xfer-{link}", daemon=True)
@@ -158,7 +178,9 @@ class TransferEngine:
 
     def release(self, tier: TierKind, slots: list[int]) -> None:
         """The control plane evicted or dropped blocks of a slower tier: the SSD store
-        tombstones them (one small log append) so a restart does not revive them."""
+        tombstones them (one small log append) so a restart does not revive them.
+        The remote store is left alone: other engines may still use the blocks, and
+        it evicts on its own."""
         if tier == TierKind.SSD and self.ssd is not None:
             self.ssd.forget(list(slots))
 
@@ -198,6 +220,8 @@ class TransferEngine:
             worker.join()
         if self.ssd is not None:
             self.ssd.close()
+        if self.remote is not None:
+            self.remote.close()
 
     # -------------------------------------------------------------- workers
 
@@ -212,7 +236,7 @@ class TransferEngine:
                 stats.running = 1
             started = time.perf_counter()
             try:
-                failed = handler(job)
+                failed = self._run_unfenced(handler, job)
             except Exception:  # a broken op must not kill the link: fail its blocks, keep serving
                 self._log_once(f"crash-{link}", logging.ERROR, "%s op %d failed", link, job.op.op_id, exc_info=True)
                 failed = set(job.op.keys)
@@ -220,6 +244,39 @@ class TransferEngine:
                 stats.running = 0
                 stats.busy_seconds += time.perf_counter() - started
                 self._finish(job.op, failed, link)
+
+    def _run_unfenced(self, handler: Callable[[_Job], set[Hashable]], job: _Job) -> set[Hashable]:
+        """Run ``handler`` on the op's blocks whose CPU destination row is not fenced; the others fail."""
+        op = job.op
+        if op.dst != TierKind.CPU:
+            return handler(job)
+        with self._cv:
+            fenced = {i for i, slot in enumerate(op.dst_slots) if slot in self._fenced}
+        if not fenced:
+            return handler(job)
+        self._log_once("fenced", logging.WARNING, "%s op %d: %d blocks fail, their CPU rows may still receive a "
+                       "remote get that timed out", op.link, op.op_id, len(fenced))
+        kept = [i for i in range(len(op.keys)) if i not in fenced]
+        failed = {op.keys[i] for i in fenced}
+        if kept:
+            subset = replace(op, keys=[op.keys[i] for i in kept], src_slots=[op.src_slots[i] for i in kept],
+                             dst_slots=[op.dst_slots[i] for i in kept])
+            failed |= handler(replace(job, op=subset))
+        return failed
+
+    def _fence(self, rows: list[int], straggler: Future) -> None:
+        """Keep ``rows`` out of use until ``straggler``, a get that may still write into them, has ended."""
+        with self._cv:
+            for row in rows:
+                self._fenced[row] = self._fenced.get(row, 0) + 1
+        straggler.add_done_callback(lambda _: self._unfence(rows))
+
+    def _unfence(self, rows: list[int]) -> None:
+        with self._cv:
+            for row in rows:
+                left = self._fenced.pop(row) - 1
+                if left:
+                    self._fenced[row] = left
 
     def _finish(self, op: TransferOp, failed: set[Hashable], link: str | None) -> None:
         """Record an op's end (caller holds the condition) and wake waiters."""
@@ -277,6 +334,18 @@ class TransferEngine:
         ok = self.ssd.read(op.src_slots, op.keys, self.pool.rows(op.dst_slots))
         return {key for key, good in zip(op.keys, ok) if not good}
 
+    def _write_remote(self, job: _Job) -> set[Hashable]:
+        op = job.op
+        stored = self.remote.write(op.keys, self.pool.rows(op.src_slots))
+        return {key for key, good in zip(op.keys, stored) if not good}
+
+    def _read_remote(self, job: _Job) -> set[Hashable]:
+        op = job.op
+        hits, stragglers = self.remote.read(op.keys, self.pool.rows(op.dst_slots))
+        for straggler in stragglers:
+            self._fence(list(op.dst_slots), straggler)
+        return {key for key, good in zip(op.keys, hits) if not good}
+
     def _log_once(self, what: str, level: int, message: str, *args, exc_info: bool = False) -> None:
         first = what not in self._logged
         self._logged.add(what)
@@ -291,7 +360,8 @@ class TransferEngine:
             for link, stats in self._stats.items():
                 links[link] = LinkStats(**asdict(stats))
                 links[link].queued = len(self._queues[link])
-        return TransferStats(links, self.ssd.snapshot().as_dict() if self.ssd is not None else None)
+        return TransferStats(links, self.ssd.snapshot().as_dict() if self.ssd is not None else None,
+                             self.remote.snapshot() if self.remote is not None else None)
 
     def prometheus_text(self) -> str:
         """The stats in Prometheus text exposition format (for a ``/metrics`` endpoint)."""
@@ -305,8 +375,10 @@ class TransferEngine:
             for link, stats in snapshot.links.items():
                 src, dst = link.split("->")
                 lines.append(f'{name}{{src="{src}",dst="{dst}"}} {getattr(stats, field)}')
-        for field, value in (snapshot.ssd or {}).items():
-            name = f"flexkv_ssd_{field}_total"
-            lines += [f"# HELP {name} SSD store: {field.replace('_', ' ')}.", f"# TYPE {name} counter",
-                      f"{name} {value}"]
+        for store, counters in (("ssd", snapshot.ssd), ("remote", snapshot.remote)):
+            for field, value in (counters or {}).items():
+                kind = "gauge" if field == "breaker_open" else "counter"
+                name = f"flexkv_{store}_{field}" + ("" if kind == "gauge" else "_total")
+                lines += [f"# HELP {name} {store.upper()} store: {field.replace('_', ' ')}.", f"# TYPE {name} {kind}",
+                          f"{name} {value}"]
         return "\n".join(lines) + "\n"

@@ -79,3 +79,19 @@ def test_store_from_an_offset_keeps_the_prefix_tree():
     mgr.plan_store("b", [10, 11, 12], [0, 1, 2])
     settle()
     assert mgr.index.get(11).depth == 1
+
+
+def test_a_parent_record_is_kept_while_a_child_record_points_at_it():
+    """A store from an offset made a record for block 15 (no data) under 5; evicting 5 then
+    forgot 5's record while 15's still pointed at it, and 15 stored later counted itself as a
+    child of the forgotten record: leaf-first policies and the index disagreed."""
+    mgr, settle = manager("prefix_lru", {"cpu": 5})
+    mgr.plan_store("a", [5], [0])
+    mgr.plan_store("b", [5, 15, 45, 135], [0, 1], start=2)
+    settle()
+    mgr.plan_store("c", [3, 9, 27], [0, 1, 2])  # evicts 5
+    settle()
+    mgr.plan_store("d", [5, 15], [0, 1])
+    settle()
+    assert mgr.index.get(15).parent is mgr.index.get(5)
+    mgr.check_invariants()

@@ -1,0 +1,493 @@
+"""`python -m experiments.policy_research`: online eviction/admission policies against the field.
+
+Two modes, one Hydra app (configs in ``conf/research``):
+
+- ``mode=evaluate`` (``--config-name policy_research``, the default): every
+  policy x capacity (fractions of each workload's unique blocks) x workload
+  (the Mooncake conversation trace whole and split in time into a first and a
+  second half, plus the four synthetic generators) through the replay. Writes
+  ``results.csv``, ``results.md`` (prefix-token hit ratio with the share of the
+  LRU -> Belady gap closed, and the block hit ratio) and ``prefix_hit.png`` into
+  the run's output folder, times the control plane (LRU against the candidate
+  on the whole trace) and ends with one JSON line of headline figures.
+- ``mode=bound``: how far *any* policy that sees only some features of a block
+  can go on a workload (default: the trace). Each block reference falls in a
+  class (its features when it is made); the best such policy keeps a block of
+  class c for a time-to-live tau_c after each use, and the tau_c that maximise
+  hits for an average occupancy of ``capacity`` blocks come from a fractional
+  knapsack over each class's hits-versus-slot-seconds curve. The feature values
+  are fitted in hindsight, so this is an optimistic ceiling for online
+  class-and-age policies (LRU's own row comes out at its real figure); Belady
+  knows each block's future and is not bound by it. Writes ``bound.md``.
+- ``mode=tune`` (``--config-name tune_hit_density --multirun``): the objective
+  of an Optuna sweep (hydra-optuna-sweeper) over a policy's parameters. It
+  replays only the tuning set (synthetic workloads and the *first* half of the
+  trace) and returns the mean share of the LRU -> Belady prefix-token gap
+  closed, minus a penalty wherever the policy falls more than
+  ``tune.lru_tolerance`` below LRU; the second half is left for reporting.
+
+LRU and Belady figures of the tuning set are computed once per process and
+reused by every trial; a workload's block keys are computed once too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.common import CONF_DIR, PROJECT_ROOT
+from flexkv_sim.replay import capacity_from_fraction, replay, workload_keys
+from flexkv_sim.workloads import build_workload, load_mooncake_trace
+from flexkv_sim.workloads.request import Workload
+
+RESEARCH_CONF_DIR = str(Path(CONF_DIR) / "research")
+SYNTHETIC = ("chat", "system_prompt", "doc_qa", "mixed")
+TRACE_PARTS = ("trace", "trace_first_half", "trace_second_half")
+
+_workloads: dict[str, tuple[Workload, list[list[int]]]] = {}
+_reference: dict[tuple[str, float, str], dict[str, float]] = {}
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def trace_path(cfg: DictConfig) -> Path:
+    path = Path(str(cfg.trace_path))
+    return path if path.is_absolute() else (PROJECT_ROOT / path).resolve()
+
+
+def split_in_time(workload: Workload, half: str) -> Workload:
+    """The requests that arrive in the first or the second half of the workload's span."""
+    start = workload.requests[0].arrival_s
+    middle = start + workload.duration_s / 2
+    first = half == "first"
+    requests = [r for r in workload.requests if (r.arrival_s < middle) == first]
+    return replace(workload, name=f"{workload.name}:{half}_half", requests=tuple(requests))
+
+
+def load(name: str, cfg: DictConfig) -> tuple[Workload, list[list[int]]]:
+    """A workload by name (trace parts or a conf/workload generator) and its block keys, built once."""
+    if name not in _workloads:
+        if name in TRACE_PARTS:
+            path = trace_path(cfg)
+            if not path.is_file():
+                raise FileNotFoundError(f"Mooncake trace not found at {path} (trace_path={cfg.trace_path})")
+            workload = load_mooncake_trace(path)
+            if name != "trace":
+                workload = split_in_time(workload, name.removeprefix("trace_").removesuffix("_half"))
+        elif name in SYNTHETIC:
+            spec = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "workload" / f"{name}.yaml"))
+            workload = build_workload(spec)
+        else:
+            raise ValueError(f"unknown workload {name!r}; valid choices: {[*TRACE_PARTS, *SYNTHETIC]}")
+        _workloads[name] = (workload, workload_keys(workload))
+    return _workloads[name]
+
+
+# ------------------------------------------------------------------- policies
+
+
+def policy_spec(kind: str, spec: Any) -> Any:
+    """A bare name becomes its YAML in conf/<kind> (the shipped defaults); a mapping is taken as given."""
+    if isinstance(spec, str):
+        path = Path(CONF_DIR) / kind / f"{spec}.yaml"
+        if not path.exists():
+            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+            raise ValueError(f"unknown {kind} policy {spec!r}; valid choices: {known}")
+        return OmegaConf.to_container(OmegaConf.load(path))
+    return dict(spec)
+
+
+def run_cell(workload_name: str, fraction: float, label: str, policy: dict, cfg: DictConfig,
+             capacity_of: str | None = None) -> dict[str, Any]:
+    """One replay; ``capacity_of`` takes the capacity from another workload's unique blocks."""
+    workload, keys = load(workload_name, cfg)
+    capacity = capacity_from_fraction(load(capacity_of, cfg)[0] if capacity_of else workload, fraction)
+    result = replay(
+        workload,
+        keys=keys,
+        capacity_blocks=capacity,
+        eviction=policy_spec("eviction", policy["eviction"]),
+        admission=policy_spec("admission", policy.get("admission", "always")),
+    )
+    return {
+        "workload": workload_name,
+        "capacity_fraction": fraction,
+        "capacity_blocks": capacity,
+        "policy": label,
+        "prefix_token_hit_ratio": result.prefix_token_hit_ratio,
+        "block_hit_ratio": result.block_hit_ratio,
+        "requests": result.requests,
+        "block_refs": result.block_refs,
+        "block_hits": round(result.block_hit_ratio * result.block_refs),
+        "prompt_tokens": result.prompt_tokens,
+        "prefix_hit_tokens": result.prefix_hit_tokens,
+        "wall_s": result.wall_s,
+    }
+
+
+WARM = "trace_second_half_warm"
+
+
+def warm_second_half(rows: list[dict], first: list[dict]) -> list[dict]:
+    """The second half of the whole-trace replay (cache warmed by the first half): the whole
+    replay minus a replay of the first half alone at the same capacity (a replay is
+    deterministic, so the first half of the whole run is exactly that run)."""
+    whole = {(r["capacity_fraction"], r["policy"]): r for r in rows if r["workload"] == "trace"}
+    out = []
+    for r in first:
+        w = whole[(r["capacity_fraction"], r["policy"])]
+        out.append({
+            **w, "workload": WARM,
+            "requests": w["requests"] - r["requests"],
+            "block_refs": w["block_refs"] - r["block_refs"],
+            "block_hits": w["block_hits"] - r["block_hits"],
+            "prompt_tokens": w["prompt_tokens"] - r["prompt_tokens"],
+            "prefix_hit_tokens": w["prefix_hit_tokens"] - r["prefix_hit_tokens"],
+            "block_hit_ratio": (w["block_hits"] - r["block_hits"]) / (w["block_refs"] - r["block_refs"]),
+            "prefix_token_hit_ratio": (w["prefix_hit_tokens"] - r["prefix_hit_tokens"])
+            / (w["prompt_tokens"] - r["prompt_tokens"]),
+        })
+    return out
+
+
+def gap_closed(value: float, lru: float, belady: float) -> float:
+    """Share of the LRU -> Belady gap closed (NaN when the gap is under half a point)."""
+    return (value - lru) / (belady - lru) if belady - lru >= 0.005 else math.nan
+
+
+# ---------------------------------------------------------------------- tune
+
+
+def reference(workload_name: str, fraction: float, label: str, cfg: DictConfig) -> dict[str, float]:
+    key = (workload_name, fraction, label)
+    if key not in _reference:
+        _reference[key] = run_cell(workload_name, fraction, label, dict(cfg.policies[label]), cfg)
+    return _reference[key]
+
+
+def tune(cfg: DictConfig) -> float:
+    t = cfg.tune
+    policy = {"eviction": OmegaConf.to_container(t.eviction), "admission": OmegaConf.to_container(t.admission)}
+    metric = str(t.metric)
+    closed, penalties, rows = [], 0.0, []
+    for workload_name in t.workloads:
+        for fraction in t.capacity_fractions:
+            lru = reference(workload_name, fraction, str(cfg.baseline), cfg)[metric]
+            belady = reference(workload_name, fraction, str(cfg.ceiling), cfg)[metric]
+            row = run_cell(workload_name, fraction, "candidate", policy, cfg)
+            value = row[metric]
+            share = gap_closed(value, lru, belady)
+            if not math.isnan(share):
+                closed.append(share)
+            penalties += max(0.0, lru - value - float(t.lru_tolerance))
+            rows.append((workload_name, fraction, round(value, 4), round(lru, 4), round(belady, 4)))
+    objective = sum(closed) / max(len(closed), 1) - float(t.penalty) * penalties
+    print(json.dumps({"objective": objective, "eviction": policy["eviction"], "admission": policy["admission"],
+                      "cells": rows}))
+    return objective
+
+
+# --------------------------------------------------------------------- bound
+
+
+def _references(workload: Workload) -> dict[str, Any]:
+    """Per block reference: features an online policy could know then, and when it is next used."""
+    import numpy as np
+
+    seen: dict[int, int] = {}
+    last_seen: dict[int, float] = {}
+    features = []
+    times = []
+    for request in workload.requests:
+        ids, t = request.block_ids, request.arrival_s
+        n = len(ids)
+        matched = 0
+        while matched < n and ids[matched] in seen:
+            matched += 1
+        turn = seen.get(ids[1], 0) if n > 1 else 0  # times this conversation's first own block was seen
+        pace = t - last_seen[ids[matched - 1]] if matched > 1 else -1.0
+        for depth, key in enumerate(ids):
+            count = seen.get(key, 0)
+            gap = t - last_seen[key] if count else -1.0
+            features.append((depth == n - 1, count, n, gap, turn, pace))
+            times.append(t)
+        for key in ids:
+            seen[key] = seen.get(key, 0) + 1
+            last_seen[key] = t
+    next_gap = np.full(len(times), np.inf)
+    upcoming: dict[int, float] = {}
+    flat = [key for r in workload.requests for key in r.block_ids]
+    for j in range(len(flat) - 1, -1, -1):
+        if flat[j] in upcoming:
+            next_gap[j] = upcoming[flat[j]] - times[j]
+        upcoming[flat[j]] = times[j]
+    return {"features": features, "next_gap": next_gap, "span_s": workload.duration_s}
+
+
+def _ttl_bound(refs: dict[str, Any], classify, capacity: int) -> float:
+    """Block hit ratio of the best per-class time-to-live policy at an average occupancy of ``capacity``."""
+    import numpy as np
+
+    taus = np.concatenate([[0.0], np.logspace(-1, 4, 240)])
+    by_class: dict[Any, list[float]] = {}
+    for feature, gap in zip(refs["features"], refs["next_gap"]):
+        by_class.setdefault(classify(feature), []).append(gap)
+    segments, hits = [], 0.0
+    for gaps in by_class.values():
+        g = np.sort(np.asarray(gaps))
+        finite = g[np.isfinite(g)]
+        kept = np.searchsorted(finite, taus, side="right")  # reuses within tau: hits
+        cost = np.concatenate([[0.0], np.cumsum(finite)])[kept] + taus * (len(g) - kept)  # slot-seconds
+        hull: list[tuple[float, float]] = []  # upper concave hull of (cost, hits)
+        for point in sorted(zip(cost.tolist(), kept.tolist())):
+            while len(hull) >= 2 and (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0]) <= (
+                    point[1] - hull[-2][1]) * (hull[-1][0] - hull[-2][0]):
+                hull.pop()
+            if not hull or point[1] > hull[-1][1]:
+                hull.append(point)
+        hits += hull[0][1]
+        segments += [((b[1] - a[1]) / max(b[0] - a[0], 1e-12), b[0] - a[0], b[1] - a[1])
+                     for a, b in zip(hull, hull[1:])]
+    budget = capacity * refs["span_s"]
+    for _, cost, gain in sorted(segments, reverse=True):
+        if cost <= budget:
+            budget -= cost
+            hits += gain
+        else:
+            hits += gain * budget / cost
+            break
+    return hits / len(refs["features"])
+
+
+def _log_bucket(x: float, scale: float, top: int) -> int:
+    return -1 if x < 0 else min(int(math.log2(1 + x / scale)), top)
+
+
+#: feature sets, each a function of (last block of its request, times seen before, request
+#: blocks, seconds since last seen, conversation turns, seconds since the previous turn)
+FEATURE_SETS = {
+    "none (one class: ~LRU)": lambda f: 0,
+    "times seen (<=3)": lambda f: min(f[1], 3),
+    "+ request tail": lambda f: "tail" if f[0] else min(f[1], 3),
+    "+ request size (hit_density's classes)": lambda f: "tail" if f[0] else (
+        min(f[1], 3), _log_bucket(f[2], 1, 7) if f[1] == 0 else 0),
+    "+ gap since last seen": lambda f: "tail" if f[0] else (
+        min(f[1], 3), _log_bucket(f[2], 1, 7) if f[1] == 0 else 0, _log_bucket(f[3], 10, 6)),
+    "+ conversation turn and pace (rich)": lambda f: "tail" if f[0] else (
+        min(f[1], 3), _log_bucket(f[2], 1, 7), min(f[4], 4),
+        _log_bucket(f[5], 10, 6) if f[1] == 0 else _log_bucket(f[3], 10, 6)),
+}
+
+
+def bound(cfg: DictConfig) -> float:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    workload, _ = load(str(cfg.bound.workload), cfg)
+    refs = _references(workload)
+    fractions = list(cfg.capacity_fractions)
+    capacities = [capacity_from_fraction(workload, f) for f in fractions]
+    lines = [f"Best per-class TTL policy (block hit ratio) on `{cfg.bound.workload}`, features fitted in hindsight; "
+             "an optimistic ceiling for online class-and-age policies.", "",
+             "| features | " + " | ".join(f"{100 * f:g}%" for f in fractions) + " |",
+             "| --- | " + " | ".join("---:" for _ in fractions) + " |"]
+    result = {}
+    for name, classify in FEATURE_SETS.items():
+        values = [_ttl_bound(refs, classify, c) for c in capacities]
+        result[name] = [round(v, 4) for v in values]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        print(lines[-1], flush=True)
+    oracle = [_ttl_bound({**refs, "features": [(bool(math.isfinite(g)),) for g in refs["next_gap"]]},
+                         lambda f: f[0], c) for c in capacities]
+    lines.append("| oracle: whether the block is ever used again | " + " | ".join(f"{v:.3f}" for v in oracle) + " |")
+    (out_dir / "bound.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-1:]))
+    print(json.dumps({"bound": result, "oracle": [round(v, 4) for v in oracle], "output_dir": str(out_dir)}))
+    return 0.0
+
+
+# ------------------------------------------------------------------ evaluate
+
+
+def time_control_plane(cfg: DictConfig) -> dict[str, Any]:
+    """CPU time of whole replays (best of ``repeats``, policies interleaved): baseline vs candidates.
+
+    CPU time rather than wall time, so other jobs on the machine do not skew the ratio; the
+    replay drives the real CacheManager, so this is the control plane's cost per operation.
+    """
+    t = cfg.timing
+    workload, keys = load(str(t.workload), cfg)
+    capacity = capacity_from_fraction(workload, float(t.capacity_fraction))
+    out: dict[str, Any] = {"workload": str(t.workload), "capacity_blocks": capacity}
+    labels = [str(cfg.baseline), *cfg.candidates]
+    specs = {label: OmegaConf.to_container(cfg.policies[label]) for label in labels}
+    best: dict[str, float] = {}
+    replay(workload, keys=keys, capacity_blocks=capacity, eviction="lru")  # warm up
+    for rep in range(int(t.repeats)):
+        for label in labels[rep % len(labels):] + labels[: rep % len(labels)]:
+            started = time.process_time()
+            result = replay(workload, keys=keys, capacity_blocks=capacity,
+                            eviction=policy_spec("eviction", specs[label]["eviction"]),
+                            admission=policy_spec("admission", specs[label].get("admission", "always")))
+            best[label] = min(best.get(label, math.inf), time.process_time() - started)
+            out["block_refs"] = result.block_refs
+            out["requests"] = result.requests
+    for label, cpu in best.items():
+        out[label] = {"cpu_s": round(cpu, 3), "requests_per_s": round(out["requests"] / cpu),
+                      "block_refs_per_s": round(out["block_refs"] / cpu),
+                      "slowdown_vs_baseline": round(cpu / best[str(cfg.baseline)], 2)}
+    return out
+
+
+def markdown(rows: list[dict], cfg: DictConfig) -> str:
+    labels = list(dict.fromkeys(r["policy"] for r in rows))
+    by = {(r["workload"], r["capacity_fraction"], r["policy"]): r for r in rows}
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    fractions = list(cfg.capacity_fractions)
+    base, ceil = str(cfg.baseline), str(cfg.ceiling)
+    lines = ["Prefix-token hit ratio (share of the LRU -> Belady gap closed). Capacity = fraction of the "
+             "workload's unique blocks. Belady is the offline block-level ceiling (not prefix-aware).", "",
+             "| workload | cap | " + " | ".join(labels) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in labels) + " |"]
+    for w in workloads:
+        for f in fractions:
+            lru = by[(w, f, base)]["prefix_token_hit_ratio"]
+            bel = by[(w, f, ceil)]["prefix_token_hit_ratio"]
+            cells = []
+            for label in labels:
+                v = by[(w, f, label)]["prefix_token_hit_ratio"]
+                share = gap_closed(v, lru, bel)
+                extra = "" if label in (base, ceil) or math.isnan(share) else f" ({100 * share:.0f}%)"
+                cells.append(f"{v:.3f}{extra}")
+            lines.append(f"| {w} | {100 * f:g}% | " + " | ".join(cells) + " |")
+    lines += ["", "Block hit ratio (the issue's figures are for `trace`).", "",
+              "| workload | cap | " + " | ".join(labels) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in labels) + " |"]
+    for w in workloads:
+        for f in fractions:
+            lines.append(f"| {w} | {100 * f:g}% | "
+                         + " | ".join(f"{by[(w, f, label)]['block_hit_ratio']:.3f}" for label in labels) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], cfg: DictConfig, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    cols = 4
+    nrows = -(-len(workloads) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax, w in zip(axes.flat, workloads):
+        for label in dict.fromkeys(r["policy"] for r in rows):
+            pts = sorted((r["capacity_fraction"], r["prefix_token_hit_ratio"])
+                         for r in rows if r["workload"] == w and r["policy"] == label)
+            style = {"color": "black", "linestyle": "--"} if label == cfg.ceiling else {}
+            if label in cfg.candidates:
+                style = {"linewidth": 2.5}
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=label, **style)
+        ax.set_xscale("log")
+        ticks = [100 * f for f in cfg.capacity_fractions]
+        ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+        ax.minorticks_off()
+        ax.set_title(w)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(workloads):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("prefix-token hit ratio")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Prefix-token hit ratio vs CPU-tier capacity (% of unique blocks); belady = offline ceiling")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(cfg: DictConfig) -> float:
+    from joblib import Parallel, delayed
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    chosen = list(cfg.run_policies) if cfg.get("run_policies") else list(cfg.policies)
+    plain_policies = {label: OmegaConf.to_container(cfg.policies[label]) for label in chosen}
+    for p in plain_policies.values():
+        policy_spec("eviction", p["eviction"])
+        policy_spec("admission", p.get("admission", "always"))
+    grid = [(w, f, label) for w in cfg.workloads for f in cfg.capacity_fractions for label in plain_policies]
+    for w in cfg.workloads:
+        load(w, cfg)  # build each workload once, before the workers copy them
+    warm = bool(cfg.warm_second_half) and "trace" in cfg.workloads
+    if warm:
+        load("trace_first_half", cfg)
+        grid += [("trace_first_half@trace", f, label) for f in cfg.capacity_fractions for label in plain_policies]
+    rows = Parallel(n_jobs=int(cfg.jobs))(
+        delayed(_cell_with_data)(w, f, label, plain_policies[label], _needed(w), cfg) for w, f, label in grid
+    )
+    if warm:
+        first = [r for r in rows if r["workload"] == "trace_first_half@trace"]
+        rows = [r for r in rows if r["workload"] != "trace_first_half@trace"]
+        rows += warm_second_half(rows, first)
+    import pandas as pd
+
+    pd.DataFrame(rows).to_csv(out_dir / "results.csv", index=False)
+    table = markdown(rows, cfg)
+    timing = time_control_plane(cfg) if cfg.timing.enabled else {}
+    if timing:
+        table += "\nControl-plane cost (CPU time of a whole replay of `{}` at {} blocks, best of {}):\n\n".format(
+            timing["workload"], timing["capacity_blocks"], cfg.timing.repeats)
+        table += "| policy | CPU s | requests/s | block refs/s | vs " + str(cfg.baseline) + " |\n"
+        table += "| --- | ---: | ---: | ---: | ---: |\n"
+        for label in (str(cfg.baseline), *cfg.candidates):
+            t = timing[label]
+            table += (f"| {label} | {t['cpu_s']:.2f} | {t['requests_per_s']:,} | {t['block_refs_per_s']:,} "
+                      f"| {t['slowdown_vs_baseline']:.2f}x |\n")
+    (out_dir / "results.md").write_text(table)
+    plot(rows, cfg, out_dir / "prefix_hit.png")
+    print(table)
+    by = {(r["workload"], r["capacity_fraction"], r["policy"]): r for r in rows}
+    summary: dict[str, Any] = {"output_dir": str(out_dir), "runs": len(rows)}
+    for label in cfg.candidates:
+        for w in ("trace", "trace_second_half", WARM):
+            for f in cfg.capacity_fractions:
+                if (w, f, label) in by:
+                    r = by[(w, f, label)]
+                    summary[f"{label}/{w}/{100 * f:g}%"] = {
+                        "prefix": round(r["prefix_token_hit_ratio"], 4), "block": round(r["block_hit_ratio"], 4)}
+    if timing:
+        summary["timing"] = timing
+    print(json.dumps(summary))
+    return 0.0
+
+
+def _needed(w: str) -> dict:
+    """The built workloads a grid cell needs (``name`` or ``name@capacity_of``), for a worker."""
+    return {name: _workloads[name] for name in w.split("@")}
+
+
+def _cell_with_data(w, f, label, policy, data, cfg):
+    _workloads.update(data)
+    name, _, capacity_of = w.partition("@")
+    row = run_cell(name, f, label, policy, cfg, capacity_of or None)
+    row["workload"] = w
+    return row
+
+
+@hydra.main(config_path=RESEARCH_CONF_DIR, config_name="policy_research", version_base=None)
+def main(cfg: DictConfig) -> float:
+    if cfg.mode == "tune":
+        return tune(cfg)
+    if cfg.mode == "evaluate":
+        return evaluate(cfg)
+    if cfg.mode == "bound":
+        return bound(cfg)
+    raise ValueError(f"unknown mode {cfg.mode!r}; valid choices: ['evaluate', 'tune', 'bound']")
+
+
+if __name__ == "__main__":
+    main()

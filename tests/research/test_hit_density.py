@@ -1,0 +1,247 @@
+"""The hit_density eviction and admission policies: through their interface, through the
+CacheManager (random programs, capacity and pins checked at every eviction), and against
+LRU on small synthetic workloads where learning the block classes must pay."""
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexkv_runtime.control.config import build_manager
+from flexkv_runtime.control.index import Block, TierKind
+from flexkv_runtime.control.ops import ImmediateDataPlane
+from flexkv_runtime.policies import PolicyContext, make_policy
+from flexkv_runtime.policies.hit_density import TAIL, partner_for
+from flexkv_sim.replay import capacity_from_fraction, replay, workload_keys
+from flexkv_sim.workloads import build_workload
+
+CPU = TierKind.CPU
+
+
+class Tier:
+    """One hit_density policy (and its admission) fed by hand, as the manager would."""
+
+    def __init__(self, capacity=8, **params):
+        self.policy = make_policy("eviction", {"name": "hit_density", **params}, capacity_blocks=capacity)
+        self.admission = make_policy("admission", "hit_density")
+        ctx = PolicyContext(tier="CPU")
+        self.policy.bind(ctx)
+        self.admission.bind(ctx)
+        self.blocks = {}
+
+    def chain(self, *keys, parent=None):
+        """Store ``keys`` as one request's blocks after ``parent`` (a key or None)."""
+        for key in keys:
+            block = Block(key, self.blocks.get(parent), 1.0)
+            self.blocks[key] = block
+            self.policy.on_insert(key, block)
+            parent = key
+
+    def hit(self, *keys):
+        for key in keys:
+            self.policy.on_hit(key, self.blocks[key])
+
+    def victims(self, n, pinned=()):
+        return [self.policy.victim(lambda key: key not in pinned) for _ in range(n)]
+
+
+def test_prefixes_shrink_from_their_ends():
+    t = Tier(capacity=16)
+    t.chain(1, 2, 3, 4)
+    t.chain(10, 11, parent=2)  # a branch off block 2
+    victims = t.victims(6)
+    assert sorted(victims) == [1, 2, 3, 4, 10, 11]
+    assert victims[0] == 4  # the tail of the request that ended
+    children = {1: [2], 2: [3, 10], 3: [4], 10: [11]}
+    for i, key in enumerate(victims):  # never a block while one of its children is resident
+        assert set(children.get(key, ())) <= set(victims[:i])
+
+
+def test_pinned_blocks_are_never_chosen_and_none_when_all_are():
+    t = Tier(capacity=8)
+    t.chain(1, 2, 3)
+    t.chain(5, 6)
+    assert t.victims(1, pinned={1, 2, 3, 5, 6}) == [None]
+    assert t.victims(1, pinned={3, 6}) not in ([3], [6])
+    # only an inner block is free: it goes rather than nothing
+    t2 = Tier(capacity=8)
+    t2.chain(1, 2)
+    assert t2.victims(1, pinned={2}) == [1]
+    assert len(t2.policy) == 1 and t2.victims(1) == [2]
+
+
+def test_a_request_tail_is_classed_apart_and_reuse_is_remembered():
+    t = Tier(capacity=8)
+    t.chain(1, 2, 3)
+    t.chain(7)  # another request: 3 ended the first one
+    assert t.policy._meta[3][0] == TAIL and t.policy._meta[2][0] != TAIL
+    t.hit(1)
+    assert t.policy._meta[1][0] == t.policy._reuse_base + 1  # seen twice
+    while len(t.policy):
+        t.victims(1)
+    t.chain(1)  # back from the ghost: it keeps its count, and keeping it would have been a hit
+    assert t.policy._meta[1][1] == 3
+    assert sum(map(sum, t.policy._hits)) >= 2
+
+
+def test_admission_defers_to_the_densities_and_counts_refused_sightings():
+    t = Tier(capacity=2)
+    block = Block(99, None, 1.0)
+    assert t.admission.admit(99, block, 512)  # room left: always
+    t.chain(1)
+    t.chain(2)
+    policy = t.policy
+    policy._peak = [0.0] * len(policy._peak)
+    policy._threshold, policy._threshold_uses = 1.0, 0
+    assert not t.admission.admit(99, block, 512)
+    assert policy._seen_before(99) == 1  # refused, but seen
+    policy._peak[policy._reuse_base + 1] = 2.0
+    assert t.admission.admit(99, block, 512)  # the second sighting is in a class worth its slot
+
+
+def test_admission_without_its_eviction_partner_admits_everything():
+    admission = make_policy("admission", "hit_density")
+    ctx = PolicyContext(tier="CPU")
+    lru = make_policy("eviction", "lru", capacity_blocks=2)
+    lru.bind(ctx)
+    admission.bind(ctx)
+    assert partner_for(ctx) is None
+    assert admission.admit(1, Block(1, None, 1.0), 0)
+
+
+def test_bad_parameters_name_the_policy():
+    with pytest.raises(ValueError, match="hit_density"):
+        make_policy("eviction", {"name": "hit_density", "decay": 0.0}, capacity_blocks=4)
+    with pytest.raises(ValueError, match="hit_density"):
+        make_policy("eviction", {"name": "hit_density", "age_bins": 4}, capacity_blocks=4)
+
+
+# ------------------------------------------------------ through the manager
+
+
+def key_of(path):
+    key = 1
+    for step in path:
+        key = key * 3 + step
+    return key
+
+
+prompts = st.builds(lambda root, branches: [key_of((root, *branches[:i])) for i in range(len(branches) + 1)],
+                    st.integers(0, 2), st.lists(st.integers(0, 1), max_size=6))
+ops = st.one_of(
+    st.tuples(st.just("store"), prompts, st.integers(0, 2)),
+    st.tuples(st.just("load"), prompts),
+    st.tuples(st.just("start")),
+    st.tuples(st.just("complete"), st.integers(0, 7), st.booleans()),
+    st.tuples(st.just("settle")),
+    st.tuples(st.just("reset")),
+)
+
+
+class Program:
+    def __init__(self, cpu, ssd, admission):
+        self.dp = ImmediateDataPlane()
+        self.mgr = build_manager(tiers={"cpu": cpu, "ssd": ssd}, eviction="hit_density", admission=admission,
+                                 data_plane=self.dp, clock=lambda: 0.0, block_bytes=1)
+        self.running = []
+        self.n = 0
+        for kind, tier in self.mgr.tiers.items():
+            tier.eviction.victim = self._checked(kind, tier.eviction.victim)
+
+    def _checked(self, kind, choose):
+        def evictable(block):
+            return kind in block.slots and block.pins == 0 and block.ready_in(kind)
+
+        def victim(can_evict):
+            key = choose(can_evict)
+            free = [b for b in self.mgr.index.blocks() if evictable(b)]
+            if key is None:
+                assert not free, f"no victim in {kind.name}, but {free} could go"
+                return key
+            block = self.mgr.index.get(key)
+            assert block is not None and evictable(block), f"{block} evicted from {kind.name}"
+            if block.children[kind]:  # an inner block only when no leaf could go
+                assert not [b for b in free if not b.children[kind]], f"{block} evicted before its children"
+            return key
+
+        return victim
+
+    def step(self, op):
+        mgr, name = self.mgr, op[0]
+        self.n += 1
+        if name == "store":
+            start = min(op[2], len(op[1]) - 1)
+            mgr.plan_store(self.n, op[1], list(range(len(op[1]) - start)), start=start, request_tokens=600)
+        elif name == "load":
+            ready = mgr.lookup(op[1]).ready_blocks
+            if ready:
+                mgr.plan_load(self.n, op[1], 0, list(range(ready)))
+        elif name == "start":
+            self.running += self.dp.drain()
+        elif name == "complete" and self.running:
+            done = self.running.pop(op[1] % len(self.running))
+            mgr.complete(done.op_id, done.keys[len(done.keys) // 2:] if op[2] else ())
+        elif name == "settle":
+            self.settle()
+        elif name == "reset":
+            mgr.reset()
+
+    def settle(self):
+        while True:
+            self.running += self.dp.drain()
+            if not self.running:
+                return
+            self.mgr.complete(self.running.pop().op_id)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cpu=st.integers(1, 6), ssd=st.sampled_from([0, 5]), admission=st.sampled_from(["always", "hit_density"]),
+       program=st.lists(ops, min_size=10, max_size=80))
+def test_random_programs_keep_capacity_and_never_evict_pinned_blocks(cpu, ssd, admission, program):
+    run = Program(cpu, ssd, admission)
+    for op in program:
+        run.step(op)
+        run.mgr.check_invariants()  # occupancy <= capacity; index, tiers and policy agree
+    run.settle()
+    run.mgr.check_invariants()
+    assert [b for b in run.mgr.index.blocks() if b.pins] == []
+
+
+def test_a_long_replay_keeps_the_policy_consistent():
+    """Thousands of evictions, reconfigurations and ghost turnovers, then a full consistency check."""
+    workload = build_workload({"type": "chat", "num_sessions": 150, "seed": 3})
+    dp = ImmediateDataPlane()
+    mgr = build_manager(tiers={"cpu": 40}, eviction="hit_density", admission="hit_density", data_plane=dp,
+                        clock=lambda: 0.0, block_bytes=1)
+    for i, keys in enumerate(workload_keys(workload)):
+        loaded = mgr.plan_load(i, keys, 0, range(mgr.lookup(keys).ready_blocks))
+        mgr.plan_store(i, keys, range(len(keys) - loaded), start=loaded, request_tokens=256 * len(keys))
+        while ops := dp.drain():
+            for op in ops:
+                mgr.complete(op.op_id)
+    mgr.check_invariants()
+    assert mgr.cpu.stats.evictions > 2000
+    policy = mgr.cpu.eviction
+    assert set(policy._meta) == {b.key for b in mgr.index.blocks() if CPU in b.slots}
+    for key in policy._meta:  # its own child counts match the index's
+        assert policy._kids.get(key, 0) == mgr.index.get(key).children[CPU]
+
+
+# ------------------------------------------------------------ it pays off
+
+
+@pytest.mark.parametrize(
+    ("spec", "fraction"),
+    [
+        ({"type": "doc_qa", "num_requests": 600, "num_documents": 200}, 0.05),
+        ({"type": "system_prompt", "num_requests": 600, "num_system_prompts": 8}, 0.02),
+    ],
+)
+def test_beats_lru_where_blocks_differ_in_worth(spec, fraction):
+    """Zipf-popular documents and shared system prompts among one-off questions: a policy that
+    learns that reused and first-seen blocks differ keeps the shared prefixes; LRU flushes them."""
+    workload = build_workload(spec)
+    keys = workload_keys(workload)
+    capacity = capacity_from_fraction(workload, fraction)
+    lru = replay(workload, keys=keys, capacity_blocks=capacity, eviction="lru")
+    ours = replay(workload, keys=keys, capacity_blocks=capacity, eviction="hit_density", admission="hit_density")
+    assert ours.prefix_token_hit_ratio > lru.prefix_token_hit_ratio + 0.03, (ours, lru)
+    assert ours.block_hit_ratio > lru.block_hit_ratio

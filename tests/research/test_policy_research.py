@@ -1,0 +1,64 @@
+"""`python -m experiments.policy_research`, run as a user runs it, on small workloads."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.policy_research import gap_closed, split_in_time
+from flexkv_sim.workloads import build_workload
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "experiments.policy_research", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_evaluate_writes_the_table_the_plot_and_a_summary(tmp_path):
+    proc = run("workloads=[chat]", "capacity_fractions=[0.05]", "jobs=1", "timing.enabled=false",
+               "candidates=[hit_density+adm]", "run_policies=[lru,belady,hit_density+adm]",
+               f"hydra.run.dir={tmp_path}")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["runs"] == 3
+    table = (tmp_path / "results.md").read_text()
+    assert "| chat | 5% |" in table and "hit_density+adm" in table and "%)" in table
+    assert (tmp_path / "prefix_hit.png").stat().st_size > 0
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 4
+
+
+def test_tune_mode_returns_the_objective(tmp_path):
+    proc = run("mode=tune", "tune.workloads=[system_prompt]", "tune.capacity_fractions=[0.01]",
+               f"hydra.run.dir={tmp_path}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["eviction"]["name"] == "hit_density"
+    assert result["objective"] > 0  # it closes part of the LRU -> Belady gap there
+
+
+def test_time_split_and_gap_share():
+    workload = build_workload({"type": "system_prompt", "num_requests": 50})
+    first, second = split_in_time(workload, "first"), split_in_time(workload, "second")
+    assert len(first) + len(second) == len(workload) and len(first) and len(second)
+    assert max(r.arrival_s for r in first) < min(r.arrival_s for r in second)
+    assert gap_closed(0.3, 0.2, 0.4) == pytest.approx(0.5)
+    assert math.isnan(gap_closed(0.3, 0.2, 0.201))
+
+
+def test_the_class_ttl_bound_orders_feature_sets():
+    from experiments.policy_research import FEATURE_SETS, _references, _ttl_bound
+
+    workload = build_workload({"type": "chat", "num_sessions": 40})
+    refs = _references(workload)
+    capacity = max(1, workload.num_unique_blocks() // 20)
+    one = _ttl_bound(refs, FEATURE_SETS["none (one class: ~LRU)"], capacity)
+    seen = _ttl_bound(refs, FEATURE_SETS["times seen (<=3)"], capacity)
+    oracle_refs = {**refs, "features": [(g != float("inf"),) for g in refs["next_gap"]]}
+    oracle = _ttl_bound(oracle_refs, lambda f: f[0], capacity)
+    assert 0 < one <= seen + 1e-9 <= oracle + 1e-9 <= workload.infinite_cache_hit_ratio() + 1e-9
+    huge = _ttl_bound(refs, FEATURE_SETS["none (one class: ~LRU)"], 10 * workload.num_unique_blocks())
+    assert huge == pytest.approx(workload.infinite_cache_hit_ratio())
