@@ -35,7 +35,7 @@ from flexkv_runtime.control.keys import Namespace
 from flexkv_runtime.data.cpu_pool import CpuPool
 from flexkv_runtime.data.remote import RemoteTier, open_store, validated_remote
 from flexkv_runtime.data.remote.trailer import remote_key
-from flexkv_runtime.data.remote.local_stores import LocalStore, start_store
+from experiments.local_stores import LocalStore, start_store
 
 MIB = 1 << 20
 NAMESPACE = Namespace(model="bench-remote")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flexkv_runtime.control.ops import OpKind
-from flexkv_runtime.data.remote import local_stores
+from experiments import local_stores
 from flexkv_runtime.data.remote.backend import RemoteBackend, Status
 
 _RUNTIME_CONFTEST = Path(__file__).parent.parent / "runtime" / "conftest.py"
