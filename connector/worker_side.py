@@ -19,10 +19,8 @@ import kernels
 from connector.protocol import FlexKVMetadata, FlexKVStats, FlexKVWorkerMetadata, Recovered
 from connector.settings import ConnectorSettings
 from flexkv_runtime.control.ops import OpKind, TransferOp
-from flexkv_runtime.data.cpu_pool import CpuPool
-from flexkv_runtime.data.ssd_store import SsdStore
 from flexkv_runtime.data.transfer import TransferEngine
-from flexkv_runtime.runtime import ssd_store_options
+from flexkv_runtime.runtime import start_data_plane
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +55,15 @@ class FlexKVWorker:
         if layout.block_bytes != settings.block_bytes:
             raise ValueError(f"KV caches hold {layout.block_bytes} bytes per block on rank {self.rank}, but the KV "
                              f"cache config says {settings.block_bytes}")
-        pool = CpuPool(settings.cpu_blocks, settings.block_bytes, pin=cfg["cpu"].get("pin_memory", "auto"))
-        store = None
-        if settings.ssd_blocks:
-            store = SsdStore(settings.ssd_dirs(), settings.rank_namespace(self.rank).tag, settings.ssd_blocks,
-                             settings.block_bytes, **ssd_store_options(cfg["ssd"]))
+        self.engine = start_data_plane(
+            cfg, namespace=settings.rank_namespace(self.rank), block_bytes=settings.block_bytes,
+            blocks={"cpu": settings.cpu_blocks, "ssd": settings.ssd_blocks},
+            ssd_dirs=settings.ssd_dirs() if settings.ssd_blocks else (),
+            parent_of=lambda key: self._parents.pop(key, None),
+        )
+        store = self.engine.ssd
+        if store is not None:
             self._unsent_recovered = store.recovered
-        self.engine = TransferEngine(pool, store, parent_of=lambda key: self._parents.pop(key, None),
-                                     backend=cfg["transfer"]["backend"])
         self.engine.register_kv_caches(layers)
         log.info("FlexKV rank %d: %d CPU blocks%s of %d bytes", self.rank, settings.cpu_blocks,
                  f", {settings.ssd_blocks} SSD blocks in {settings.ssd_dirs()}" if store else "", settings.block_bytes)

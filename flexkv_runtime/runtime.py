@@ -110,17 +110,9 @@ class KVRuntime:
         policies = {name: cfg[name] for name in _POLICY_DEFAULTS}
         blocks = {name: tier_capacity_blocks(name, _capacity(cfg[name], name), block_bytes)
                   for name in ("cpu", *_LOWER_TIERS) if cfg.get(name)}
-        pool = CpuPool(blocks["cpu"], block_bytes, pin=cfg["cpu"].get("pin_memory", "auto"))
-        store = None
-        ssd = cfg.get("ssd")
-        if ssd:
-            store = SsdStore(ssd["dirs"], self.namespace.tag, blocks["ssd"], block_bytes, **ssd_store_options(ssd))
-        remote = cfg.get("remote")
-        tier = None
-        if remote:
-            tier = RemoteTier(open_store(remote), self.namespace, block_bytes, batch_bytes=remote["batch_bytes"])
-        engine = TransferEngine(pool, store, remote=tier, parent_of=self._parent_of,
-                                backend=cfg["transfer"]["backend"])
+        engine = start_data_plane(cfg, namespace=self.namespace, block_bytes=block_bytes, blocks=blocks,
+                                  ssd_dirs=cfg["ssd"]["dirs"] if cfg.get("ssd") else (), parent_of=self._parent_of)
+        store, tier, remote = engine.ssd, engine.remote, cfg.get("remote")
         try:
             manager = build_manager(tiers=_tier_specs(cfg, blocks), **policies, data_plane=engine,
                                     clock=self.clock, block_bytes=block_bytes, allow_offline=False)
@@ -300,6 +292,29 @@ def _validated(config: Mapping[str, Any]) -> dict[str, Any]:
                   **{name: cfg[name] for name in _POLICY_DEFAULTS},
                   data_plane=ImmediateDataPlane(), clock=lambda: 0.0, block_bytes=1, allow_offline=False)
     return cfg
+
+
+def start_data_plane(
+    cfg: Mapping[str, Any],
+    *,
+    namespace: Namespace,
+    block_bytes: int,
+    blocks: Mapping[str, int],
+    ssd_dirs: Sequence[str],
+    parent_of: Callable[[Hashable], Hashable | None],
+) -> TransferEngine:
+    """The CPU pool, SSD store, remote tier and transfer engine of one process (one TP rank),
+    from a validated config and the tiers' capacities in blocks. KVRuntime and the vLLM
+    connector's worker side both start theirs here."""
+    pool = CpuPool(blocks["cpu"], block_bytes, pin=cfg["cpu"].get("pin_memory", "auto"))
+    store = None
+    if blocks.get("ssd"):
+        store = SsdStore(list(ssd_dirs), namespace.tag, blocks["ssd"], block_bytes, **ssd_store_options(cfg["ssd"]))
+    remote = cfg.get("remote")
+    tier = None
+    if remote:
+        tier = RemoteTier(open_store(remote), namespace, block_bytes, batch_bytes=remote["batch_bytes"])
+    return TransferEngine(pool, store, remote=tier, parent_of=parent_of, backend=cfg["transfer"]["backend"])
 
 
 def ssd_store_options(ssd: Mapping[str, Any]) -> dict[str, Any]:
