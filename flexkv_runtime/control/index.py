@@ -4,8 +4,8 @@ A record says which tiers hold the block (and in which slot), which of those
 copies are complete (``ready``), how many transfers or running requests use it
 (``pins``: a pinned block is never evicted), and what a policy needs to value it
 (depth in the prefix tree, access time and count, the prefill time its reuse
-saves). ``children[tier]`` counts resident children per tier so leaf-first
-policies can keep cached prefixes contiguous.
+saves). Leaf-first policies keep their own counts of resident children: the
+index does not, as the cheapest record is what makes the hot path fast.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ class TierKind(IntEnum):
 
 class Block:
     __slots__ = (
-        "key", "parent", "depth", "slots", "ready", "pins", "children",
+        "key", "parent", "depth", "slots", "ready", "pins",
         "last_access", "hits", "prefill_cost_s", "arriving", "child_records",
     )
 
@@ -39,7 +39,6 @@ class Block:
         #: bit t set when the copy in tier t is complete and may be read
         self.ready = 0
         self.pins = 0
-        self.children = [0, 0, 0, 0]  # one per TierKind
         self.last_access = 0.0
         self.hits = 0
         self.prefill_cost_s = prefill_cost_s
@@ -108,18 +107,12 @@ class PrefixIndex:
             parent = self.create(key, parent)
         return parent
 
-    def attach(self, block: Block, tier: int, slot: int) -> None:
-        block.slots[tier] = slot
-        if block.parent is not None:
-            block.parent.children[tier] += 1
-
     def detach(self, block: Block, tier: int) -> int:
         """Drop the tier's copy and return its slot; forget the block if nothing holds it."""
-        slot = block.slots.pop(tier)
+        slots = block.slots
+        slot = slots.pop(tier)
         block.ready &= ~(1 << tier)
-        if block.parent is not None:
-            block.parent.children[tier] -= 1
-        if not block.slots and not block.pins:
+        if not slots and not block.pins and not block.child_records:
             self.forget_if_unused(block)
         return slot
 
@@ -138,3 +131,7 @@ class PrefixIndex:
 
     def blocks(self):
         return self._blocks.values()
+
+    def resident_children(self, block: Block, tier: int) -> int:
+        """Children of ``block`` with a copy in ``tier``: a full scan, for checks and tests."""
+        return sum(1 for b in self._blocks.values() if b.parent is block and tier in b.slots)

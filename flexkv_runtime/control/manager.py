@@ -93,6 +93,7 @@ class CacheManager:
         self.clock = clock
         self.block_bytes = block_bytes
         self.write_policy = write_policy
+        self._write_back = write_policy == "write_back"
         self.selective_hits = selective_hits
         self.protect_prefix = protect_prefix
         self.prefetch = prefetch
@@ -253,12 +254,10 @@ class CacheManager:
                 source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
                 if source is None:
                     break
-                room = self._make_room(cpu, block)
-                if room is None:
+                slot = self._make_room(cpu, block, waits)
+                if slot is None:
                     break
-                slot, after = room
-                waits.extend(after)
-                self.index.attach(block, CPU, slot)
+                block.slots[CPU] = slot
                 cpu.eviction.on_insert(key, block)
                 cpu.stats.inserts += 1
                 source.stats.hits += 1
@@ -304,7 +303,7 @@ class CacheManager:
         selective = self.write_policy == "selective"
         on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
         protect = self.protect_prefix
-        make_room, admits_all = self._make_room, cpu.admits_all
+        make_room, admits_all, free = self._make_room, cpu.admits_all, cpu.free_slots
         get, create = index.get, index.create
         parent = index.chain(keys, start)
         storing: list[Block] = []
@@ -332,19 +331,22 @@ class CacheManager:
             if refused:
                 cpu.admission.observe(key, block, request_tokens)
                 continue
-            previous = block.parent
-            if previous is not None and protect:
-                previous.pins += 1  # the prefix this block extends must not make its room
-            room = make_room(cpu, block) if admits_all else self._admit(cpu, block, request_tokens)
-            if previous is not None and protect:
-                previous.pins -= 1
-            if room is None:
-                refused = True
-                continue
-            slot, after = room
-            if after:
-                waits.extend(after)
-            index.attach(block, CPU, slot)
+            if free and admits_all:
+                slot = free.pop()
+            else:
+                previous = block.parent
+                if previous is not None and protect:
+                    previous.pins += 1  # the prefix this block extends must not make its room
+                if admits_all:
+                    slot = make_room(cpu, block, waits)
+                else:
+                    slot = self._admit(cpu, block, request_tokens, waits)
+                if previous is not None and protect:
+                    previous.pins -= 1
+                if slot is None:
+                    refused = True
+                    continue
+            slots[CPU] = slot
             on_insert(key, block)
             storing.append(block)
             engine_slots.append(engine_slot)
@@ -371,25 +373,25 @@ class CacheManager:
                 return True
         return False
 
-    def _admit(self, tier: Tier, block: Block, request_tokens: int) -> tuple[int, Sequence[int]] | None:
+    def _admit(self, tier: Tier, block: Block, request_tokens: int, waits: list[int]) -> int | None:
         """The admission policy's consent, then a slot for ``block``, evicting if needed.
 
-        Returns the slot and the ops that must finish before it is overwritten
-        (a write-back demotion still reading the evicted block), or None. The
-        block is pinned while room is made, so the eviction can neither choose
-        it nor forget its record when the victim is its last child.
+        Returns the slot, or None; appends to ``waits`` the ops that must finish
+        before the slot is overwritten (a write-back demotion still reading the
+        evicted block). The block is pinned while room is made, so the eviction
+        can neither choose it nor forget its record when the victim is its last child.
         """
         if not tier.admits_all and not tier.admission.admit(block.key, block, request_tokens):
             tier.stats.rejected += 1
             return None
-        return self._make_room(tier, block)
+        return self._make_room(tier, block, waits)
 
-    def _make_room(self, tier: Tier, block: Block) -> tuple[int, Sequence[int]] | None:
+    def _make_room(self, tier: Tier, block: Block, waits: list[int]) -> int | None:
         """A slot of ``tier`` for ``block`` (see ``_admit``), with no admission check:
         promotions on the way to the engine must pass through the CPU tier."""
         free = tier.free_slots
         if free:
-            return free.pop(), ()
+            return free.pop()
         block.pins += 1
         key = tier.eviction.victim(tier.can_evict)
         if key is None:
@@ -398,12 +400,13 @@ class CacheManager:
             return None
         victim = self.index.get(key)
         tier.stats.evictions += 1
-        after = self._copy_down([victim], source=tier, next_only=True) if self.write_policy == "write_back" else ()
+        if self._write_back:
+            waits.extend(self._copy_down([victim], source=tier, next_only=True))
         slot = self.index.detach(victim, tier.kind)
-        if tier.kind != CPU:
+        if tier is not self.cpu:
             self.data_plane.release(tier.kind, [slot])
         block.pins -= 1
-        return slot, after
+        return slot
 
     def _copy_down(self, blocks: list[Block], source: Tier | None = None, next_only: bool = False) -> list[int]:
         """Copy ready blocks from ``source`` (the CPU tier) into the slower tiers that lack them.
@@ -423,12 +426,10 @@ class CacheManager:
             for block in blocks:
                 if target.kind in block.slots or not block.ready >> source.kind & 1:
                     continue
-                room = self._admit(target, block, 0)
-                if room is None:
+                slot = self._admit(target, block, 0, waits)
+                if slot is None:
                     continue
-                slot, after = room
-                waits.extend(after)
-                self.index.attach(block, target.kind, slot)
+                block.slots[target.kind] = slot
                 target.eviction.on_insert(block.key, block)
                 target.stats.inserts += 1
                 moving.append(block)
@@ -454,12 +455,10 @@ class CacheManager:
             source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
             if source is None:
                 break
-            room = self._make_room(self.cpu, block)
-            if room is None:
+            slot = self._make_room(self.cpu, block, waits)
+            if slot is None:
                 break
-            slot, after = room
-            waits.extend(after)
-            self.index.attach(block, CPU, slot)
+            block.slots[CPU] = slot
             self.cpu.eviction.on_insert(key, block)
             self.cpu.stats.inserts += 1
             moves.setdefault(source.kind, []).append((block, block.slots[source.kind], slot))
@@ -677,7 +676,7 @@ class CacheManager:
                 tier.take_slot(slot)
             except ValueError:
                 return block
-            self.index.attach(block, kind, slot)
+            block.slots[kind] = slot
             block.ready |= 1 << kind
             tier.eviction.on_insert(key, block)
             adopted += 1
@@ -699,9 +698,6 @@ class CacheManager:
             assert self.index.get(block.key) is block
             if block.parent is not None:
                 assert self.index.get(block.parent.key) is block.parent, f"{block}'s parent record was forgotten"
-            for kind in self.tiers:
-                children = sum(1 for b in self.index.blocks() if b.parent is block and kind in b.slots)
-                assert block.children[kind] == children, (block, kind, block.children[kind], children)
 
     def occupancy(self) -> dict[str, int]:
         return {k.name: t.used_blocks for k, t in self.tiers.items()}

@@ -25,10 +25,11 @@ class LRU(EvictionPolicy):
     def victim(self, can_evict):
         order = self._order
         if order:
-            oldest = next(iter(order))
+            oldest = order.popitem(last=False)[0]
             if can_evict(oldest):  # nearly always: pinned blocks are recent
-                order.popitem(last=False)
                 return oldest
+            order[oldest] = None
+            order.move_to_end(oldest, last=False)
         for key in order:
             if can_evict(key):
                 del order[key]

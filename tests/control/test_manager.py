@@ -221,7 +221,7 @@ def test_adopt_takes_in_persisted_blocks_with_their_prefix_links(harness):
     # children listed before parents, one slot out of range
     assert h.mgr.adopt(SSD, [(3, 2, 5), (2, 1, 4), (1, None, 0), (9, None, 99)]) == 3
     assert h.mgr.lookup([1, 2, 3]).per_tier[SSD] == 3
-    assert h.mgr.index.get(3).depth == 2 and h.mgr.index.get(1).children[SSD] == 1
+    assert h.mgr.index.get(3).depth == 2 and h.mgr.index.resident_children(h.mgr.index.get(1), SSD) == 1
     assert h.mgr.tiers[SSD].used_blocks == 3
     assert h.mgr.plan_load("r", [1, 2], 0, [0, 1]) == 2
 

@@ -87,7 +87,7 @@ class Program:
             tier.eviction.victim = self._checked(kind, tier.eviction.victim)
 
     def _evictable(self, block, kind):
-        leaf = not self.leaf_first or block.children[kind] == 0
+        leaf = not self.leaf_first or self.mgr.index.resident_children(block, kind) == 0
         return kind in block.slots and block.pins == 0 and block.ready_in(kind) and leaf
 
     def _checked(self, kind, choose):

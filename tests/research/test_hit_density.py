@@ -158,8 +158,8 @@ class Program:
                 return key
             block = self.mgr.index.get(key)
             assert block is not None and evictable(block), f"{block} evicted from {kind.name}"
-            if block.children[kind]:  # an inner block only when no leaf could go
-                assert not [b for b in free if not b.children[kind]], f"{block} evicted before its children"
+            if self.mgr.index.resident_children(block, kind):  # an inner block only when no leaf could go
+                assert not [b for b in free if not self.mgr.index.resident_children(b, kind)], f"{block} evicted before its children"
             return key
 
         return victim
@@ -222,7 +222,7 @@ def test_a_long_replay_keeps_the_policy_consistent():
     policy = mgr.cpu.eviction
     assert set(policy._meta) == {b.key for b in mgr.index.blocks() if CPU in b.slots}
     for key in policy._meta:  # its own child counts match the index's
-        assert policy._kids.get(key, 0) == mgr.index.get(key).children[CPU]
+        assert policy._kids.get(key, 0) == mgr.index.resident_children(mgr.index.get(key), CPU)
 
 
 # ------------------------------------------------------------ it pays off
