@@ -26,6 +26,7 @@ WRITE_POLICIES = ("write_through", "write_back", "selective")
 # plain ints: these key every block's slot map on the hot path
 CPU = int(TierKind.CPU)
 GPU = int(TierKind.GPU)
+_KINDS = tuple(TierKind)  # int -> TierKind without the Enum call's cost
 
 
 @dataclass(slots=True)
@@ -481,8 +482,9 @@ class CacheManager:
     ) -> int:
         op_id = self._next_op_id
         self._next_op_id += 1
-        op = TransferOp(op_id, kind, TierKind(src), TierKind(dst), [b.key for b in blocks], src_slots, dst_slots,
-                        self.block_bytes, request_id, [a for a in after if a in self._ops])
+        running = self._ops
+        op = TransferOp(op_id, kind, _KINDS[src], _KINDS[dst], [b.key for b in blocks], src_slots, dst_slots,
+                        self.block_bytes, request_id, [a for a in after if a in running] if after else [])
         if dst == CPU:
             for block in blocks:
                 block.pins += 1
