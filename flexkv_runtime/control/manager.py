@@ -416,30 +416,37 @@ class CacheManager:
         the tier just below (write-back demotion on eviction).
         """
         source = source or self.cpu
-        targets = [t for t in self.tiers.values() if t.kind > source.kind]
+        targets = self.lower if source is self.cpu else [t for t in self.lower if t.kind > source.kind]
         if next_only:
             targets = targets[:1]
+        src_kind = int(source.kind)
+        src_bit = 1 << src_kind
         started = []
         for target in targets:
+            kind, free, admits_all = int(target.kind), target.free_slots, target.admits_all
+            on_insert = target.eviction.on_insert
             moving: list[Block] = []
+            src_slots: list[int] = []
             dst_slots: list[int] = []
             waits: list[int] = []
             for block in blocks:
-                if target.kind in block.slots or not block.ready >> source.kind & 1:
+                slots = block.slots
+                if kind in slots or not block.ready & src_bit:
                     continue
-                slot = self._admit(target, block, 0, waits)
-                if slot is None:
-                    continue
-                block.slots[target.kind] = slot
-                target.eviction.on_insert(block.key, block)
-                target.stats.inserts += 1
+                if free and admits_all:
+                    slot = free.pop()
+                else:
+                    slot = self._admit(target, block, 0, waits)
+                    if slot is None:
+                        continue
+                slots[kind] = slot
+                on_insert(block.key, block)
                 moving.append(block)
+                src_slots.append(slots[src_kind])
                 dst_slots.append(slot)
             if moving:
-                src_slots = [b.slots[source.kind] for b in moving]
-                started.append(
-                    self._new_op(OpKind.DEMOTE, source.kind, target.kind, moving, src_slots, dst_slots, None, waits)
-                )
+                target.stats.inserts += len(moving)
+                started.append(self._new_op(OpKind.DEMOTE, src_kind, kind, moving, src_slots, dst_slots, None, waits))
         return started
 
     def _promote(self, keys: Sequence[Hashable]) -> None:
