@@ -13,8 +13,10 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-# Byte width -> integer dtype used to move that many bytes per element.
-WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Byte width -> dtype used to move that many bytes per element.  Torch copies every one of
+# them bit for bit (complex128 is two doubles moved as one 16-byte word, never computed on);
+# Triton has no 16-byte type, so its kernel stops at 8.
+WORD_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
 
 
 class LayerAddress(NamedTuple):
@@ -128,26 +130,21 @@ class KVLayout:
         """Largest power of two (<= 16) that every chunk start in the engine tensors is a multiple of."""
         return math.gcd(16, *(number for layer in layers for number in self.address(layer)))
 
-    def word_bytes(self, layers: Sequence[torch.Tensor], pool: torch.Tensor) -> int:
-        """Widest power-of-two word (<= 8 bytes) that every chunk start and length is aligned to;
-        moving wide words instead of bytes is what makes both backends fast."""
+    def word_bytes(self, layers: Sequence[torch.Tensor], pool: torch.Tensor, max_bytes: int = 8) -> int:
+        """Widest power-of-two word (<= `max_bytes`) that every chunk start and length is aligned
+        to; moving wide words instead of bytes is what makes both backends fast."""
         storages = [tensor.untyped_storage().data_ptr() for tensor in (*layers, pool)]
         pool_numbers = (pool.data_ptr(), pool.stride(0) * pool.element_size())
-        return math.gcd(8, self.chunk_bytes, self.engine_alignment(layers), *pool_numbers, *storages)
+        return math.gcd(max_bytes, self.chunk_bytes, self.engine_alignment(layers), *pool_numbers, *storages)
 
-    def chunk_rows(self, layer: torch.Tensor, word_bytes: int) -> list[torch.Tensor]:
-        """One `[num_blocks, chunk_words]` word view per chunk of `layer` (aliasing its memory)."""
+    def block_rows(self, layer: torch.Tensor, word_bytes: int) -> torch.Tensor:
+        """`layer` as `[num_blocks, chunks_per_layer, chunk_words]` words (aliasing its memory)."""
         address = self.address(layer)
-        words = _word_alias(layer, word_bytes)
-        start = (address.data_ptr - layer.untyped_storage().data_ptr()) // word_bytes
-        return [
-            words.as_strided(
-                (self.num_blocks, self.chunk_bytes // word_bytes),
-                (address.block_stride // word_bytes, 1),
-                start + chunk * address.chunk_stride // word_bytes,
-            )
-            for chunk in range(self.chunks_per_layer)
-        ]
+        return _word_alias(layer, word_bytes).as_strided(
+            (self.num_blocks, self.chunks_per_layer, self.chunk_bytes // word_bytes),
+            (address.block_stride // word_bytes, address.chunk_stride // word_bytes, 1),
+            (address.data_ptr - layer.untyped_storage().data_ptr()) // word_bytes,
+        )
 
     def pool_words(self, pool: torch.Tensor, word_bytes: int) -> torch.Tensor:
         """`pool` as `[num_slots, num_layers, chunks_per_layer, chunk_words]` words (aliasing it)."""
@@ -161,6 +158,6 @@ class KVLayout:
 
 
 def _word_alias(tensor: torch.Tensor, word_bytes: int) -> torch.Tensor:
-    """The whole storage of `tensor` as a flat tensor of `word_bytes`-wide integers."""
+    """The whole storage of `tensor` as a flat tensor of `word_bytes`-wide words."""
     alias = torch.empty(0, dtype=WORD_DTYPES[word_bytes], device=tensor.device)
     return alias.set_(tensor.untyped_storage())

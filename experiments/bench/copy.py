@@ -100,9 +100,14 @@ def main(argv: list[str]) -> int:
     slot_ids = torch.randperm(args.pool_slots, generator=generator)[: args.blocks]
     nbytes = args.blocks * layout.block_bytes
 
-    # One contiguous copy of the same number of bytes in each direction the batch copies go.
-    engine_side = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    host_side = torch.ones(nbytes, dtype=torch.uint8, pin_memory=device.type == "cuda")
+    # One contiguous copy of the same number of bytes in each direction the batch copies go, on
+    # torch's intra-op threads like the kernels' ops.  It moves 8-byte words: on CPU torch's byte
+    # copy_ runs ~15% below a word copy_ (which matches glibc memcpy on every core), and the
+    # baseline must be the machine's limit, not a slow copy.
+    word = torch.int64 if nbytes % 8 == 0 else torch.uint8
+    words = nbytes // torch.empty((), dtype=word).element_size()
+    engine_side = torch.ones(words, dtype=word, device=device)
+    host_side = torch.ones(words, dtype=word, pin_memory=device.type == "cuda")
     ops = {
         "gather": lambda: gather_blocks(layers, block_ids, pool, slot_ids, backend=args.backend),
         "scatter": lambda: scatter_blocks(pool, slot_ids, layers, block_ids, backend=args.backend),
@@ -143,6 +148,7 @@ def main(argv: list[str]) -> int:
         "memcpy_gbps": round(min(gbps[reference] for reference in baseline.values()), 3),
         "ratio": round(min(ratios.values()), 3),
         "device": device.type,
+        "threads": torch.get_num_threads(),
         "block_bytes": layout.block_bytes,
         "blocks": args.blocks,
     }))

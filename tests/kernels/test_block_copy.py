@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,9 +20,10 @@ from kernels import KVLayout, gather_blocks, scatter_blocks, torch_copy, triton_
 
 REPO = Path(__file__).resolve().parents[2]
 UNDER_INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
-# The torch fallback has two plans (runs of consecutive ids vs one scattered segment); each
-# backend-parametrized test runs both, whatever the size-based choice would be.
-BACKENDS = ["triton"] if UNDER_INTERPRETER else ["torch/runs", "torch/one-segment"]
+# The torch fallback has two plans (runs of consecutive ids vs the scattered batch through a
+# temporary, in pieces of some blocks or of one block); each backend-parametrized test runs
+# every one, whatever the size-based choice would be.
+BACKENDS = ["triton"] if UNDER_INTERPRETER else ["torch/runs", "torch/staged", "torch/staged-per-block"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn, torch.uint8]
 LAYOUTS = ["blocks-first", "kv-first"]
 parent_only = pytest.mark.skipif(UNDER_INTERPRETER, reason="backend-independent; the parent pytest process runs it")
@@ -31,7 +33,10 @@ parent_only = pytest.mark.skipif(UNDER_INTERPRETER, reason="backend-independent;
 def backend(request, monkeypatch) -> str:
     name, _, plan = request.param.partition("/")
     if plan:
-        monkeypatch.setattr(torch_copy, "_OP_COST_BYTES", 0 if plan == "runs" else 1 << 62)
+        for threshold in ("_RUN_BYTES", "_OP_COST_BYTES"):
+            monkeypatch.setattr(torch_copy, threshold, 0 if plan == "runs" else 1 << 62)
+        if plan == "staged-per-block":
+            monkeypatch.setattr(torch_copy, "_STAGE_BYTES", 1)
     return name
 
 
@@ -188,6 +193,58 @@ def test_every_other_block_and_unaligned_buffers(backend):
     assert_gather(layers16, [3, 1], typed_pool, [2, 0], backend)
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_layer_major_buffer_in_any_address_order(backend, order):
+    """Layers as `big[layer]` of one `[layers, blocks, ...]` buffer, listed in either address order."""
+    big = random_tensor((4, *layer_shape("blocks-first", 9, 2, 4, 64)), torch.float16, 11)
+    layers = list(big.unbind(0)) if order == "ascending" else list(big.unbind(0))[::-1]
+    assert_gather(layers, [8, 0, 4, 5], random_pool(layers, 5), [4, 1, 2, 3], backend)
+    assert_scatter(random_pool(layers, 5), [0, 3, 1], layers, [2, 7, 3], backend)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pool_slots_with_gaps_between_them(backend, layout):
+    """Slots need not be back to back; the bytes between them are never touched."""
+    layers = make_layers(layout, head_dim=64)
+    block_bytes = KVLayout.from_layers(layers).block_bytes
+    padded = random_tensor((6, block_bytes + 48), torch.uint8, 7)
+    pool = padded[:, 16 : 16 + block_bytes]
+    gaps = torch.cat([padded[:, :16], padded[:, 16 + block_bytes :]], dim=1).clone()
+    assert_gather(layers, [7, 2, 2, 8, 0], pool, [3, 0, 5, 1, 4], backend)
+    assert_scatter(pool, [3, 0, 5], layers, [7, 2, 8], backend)
+    assert torch.equal(torch.cat([padded[:, :16], padded[:, 16 + block_bytes :]], dim=1), gaps)
+
+
+def test_float_bit_patterns_move_as_bits(backend):
+    """Wide words may be float types (complex128 in the torch fallback): signalling and quiet
+    NaNs, infinities, denormals and -0.0 must come through bit for bit."""
+    words = np.array(
+        [0x7FF0000000000001, 0x7FF4000000000000, 0xFFF8000000000000, 0x7FF8DEADBEEF0001,
+         0x7FF0000000000000, 0x0000000000000001, 0x8000000000000000, 0x800FFFFFFFFFFFFF],
+        dtype=np.uint64,
+    ).view(np.int64)
+    layers = make_layers(head_dim=64, block_size=4)  # 16-byte aligned chunks: the widest words
+    for index, layer in enumerate(layers):
+        flat = layer.view(-1).view(torch.int64)
+        flat.copy_(torch.from_numpy(np.roll(words, index)).repeat(flat.numel() // len(words)))
+    pool = random_pool(layers, 6)
+    assert_gather(layers, [5, 1, 8, 0], pool, [2, 5, 3, 0], backend)
+    pool.view(-1).view(torch.int64).copy_(torch.from_numpy(words[::-1].copy()).repeat(pool.numel() // 64))
+    assert_scatter(pool, [1, 4, 0], layers, [3, 8, 6], backend)
+
+
+@parent_only
+def test_torch_fallback_moves_every_layer_as_16_byte_words_in_one_view():
+    """The CPU path the benchmark measures: aligned chunks go as complex128 rows of one view."""
+    layers = make_layers(head_dim=64, block_size=4)
+    layout = KVLayout.from_layers(layers)
+    chunks = torch_copy._ChunkRows.of(layers, layout, random_pool(layers, 3))
+    assert chunks is not None and chunks.engine.dtype == torch.complex128
+    assert chunks.engine.shape[1] * 16 == layout.chunk_bytes and chunks.per_block == 3
+    padded = torch.zeros(3, layout.block_bytes + 16, dtype=torch.uint8)[:, : layout.block_bytes]
+    assert torch_copy._ChunkRows.of(layers, layout, padded) is None  # slots not back to back
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_round_trip_into_fresh_cache(backend, layout):
     layers = make_layers(layout, num_blocks=12)
@@ -303,3 +360,78 @@ def test_triton_backend_under_interpreter():
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+
+
+# --- on a CUDA machine (skipped elsewhere): the compiled Triton kernel against the references,
+# with the engine on the GPU and the pool in pinned host memory (zero-copy D2H/H2D) or on the GPU.
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda_backend(name: str) -> str:
+    if name == "triton" and not triton_available():
+        pytest.skip("triton cannot be imported here")
+    return name
+
+
+@parent_only
+@cuda_only
+@pytest.mark.parametrize("pool_on", ["pinned", "cuda"])
+@pytest.mark.parametrize("cuda_backend", ["triton", "torch"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_engine_gather_scatter(cuda_backend, layout, dtype, pool_on):
+    backend = _cuda_backend(cuda_backend)
+    place = (lambda t: t.pin_memory()) if pool_on == "pinned" else (lambda t: t.cuda())
+    for head_dim in (65, 128):
+        layers = make_layers(layout, dtype, head_dim=head_dim)
+        gpu_layers = [layer.cuda() for layer in layers]
+        block_ids, slot_ids = BATCHES["unsorted-repeated-blocks"]
+        pool = place(random_pool(layers, 8))
+        expected = reference_gather(layers, block_ids, pool.cpu(), slot_ids)
+        gather_blocks(gpu_layers, block_ids, pool, slot_ids, backend=backend)
+        torch.cuda.synchronize()
+        assert torch.equal(as_bytes(pool.cpu()).reshape(8, -1), expected)
+        pool = place(random_pool(layers, 8, seed=5))
+        expected_layers = reference_scatter(pool.cpu(), slot_ids[::-1], layers, block_ids)
+        scatter_blocks(pool, slot_ids[::-1], gpu_layers, block_ids, backend=backend)
+        torch.cuda.synchronize()
+        for layer, want in zip(gpu_layers, expected_layers):
+            assert torch.equal(as_bytes(layer.cpu()), want)
+
+
+@parent_only
+@cuda_only
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_vllm_sized_batch_matches_cpu_fallback(layout):
+    """32 layers, 8 KV heads, head 128, 16 tokens: Triton on the GPU gives the CPU fallback's bytes."""
+    _cuda_backend("triton")
+    generator = torch.Generator().manual_seed(3)
+    layers = make_layers(layout, torch.bfloat16, num_layers=32, num_blocks=96, kv_heads=8, block_size=16, head_dim=128)
+    block_ids = torch.randperm(96, generator=generator)[:40]
+    slot_ids = torch.randperm(64, generator=generator)[:40]
+    pool = random_pool(layers, 64).pin_memory()
+    want = pool.clone()
+    gather_blocks(layers, block_ids, want, slot_ids, backend="torch")
+    gpu_layers = [layer.cuda() for layer in layers]
+    gather_blocks(gpu_layers, block_ids, pool, slot_ids)  # "auto": Triton, pinned pool
+    torch.cuda.synchronize()
+    assert torch.equal(pool, want)
+    fresh = [torch.zeros_like(layer) for layer in gpu_layers]
+    scatter_blocks(pool, slot_ids, fresh, block_ids)
+    cpu_fresh = [torch.zeros_like(layer) for layer in layers]
+    scatter_blocks(want, slot_ids, cpu_fresh, block_ids, backend="torch")
+    torch.cuda.synchronize()
+    for got, expected in zip(fresh, cpu_fresh):
+        assert torch.equal(as_bytes(got.cpu()), as_bytes(expected))
+
+
+@parent_only
+@cuda_only
+def test_cuda_triton_needs_a_pinned_pool():
+    _cuda_backend("triton")
+    gpu_layers = [layer.cuda() for layer in make_layers()]
+    pageable = random_pool(gpu_layers, 3)  # built from the layout only; lives in pageable host memory
+    with pytest.raises(ValueError, match="pinned"):
+        gather_blocks(gpu_layers, [0], pageable, [0], backend="triton")
+    gather_blocks(gpu_layers, [4], pageable, [1])  # "auto" falls back to torch, which stages the copy
+    assert torch.equal(pageable[1], reference_gather([layer.cpu() for layer in gpu_layers], [4], pageable, [1])[1])
