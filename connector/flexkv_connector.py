@@ -1,4 +1,4 @@
-"""FlexKV as a vLLM KV connector: a CPU (and SSD) tier under vLLM's own prefix cache.
+"""FlexKV as a vLLM KV connector: a CPU (and SSD, and shared remote) tier under vLLM's own prefix cache.
 
 Load it with::
 
@@ -7,6 +7,10 @@ Load it with::
                            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {"config": "cpu_ssd", "cpu_bytes": 8e9,
                                                          "ssd_dirs": ["/nvme/kv"], "ssd_bytes": 200e9}}'
+
+or by vLLM's in-tree name, ``{"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both"}``, with the
+settings in the file ``FLEXKV_CONFIG_PATH`` names (``flexkv.integration.vllm.vllm_v1_adapter``,
+``config_file``).
 
 The scheduler-side instance owns the engine's one CacheManager
 (``scheduler_side``); each worker runs the transfers on its own slice
@@ -115,6 +119,8 @@ class FlexKVConnector(KVConnectorBase_V1, SupportsHMA):
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.shutdown()
+        if self.scheduler is not None:
+            self.scheduler.shutdown()
 
     def _metadata(self) -> FlexKVMetadata:
         meta = self._get_connector_metadata()
@@ -179,6 +185,7 @@ def _worker_connector() -> FlexKVWorker:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
     connector = get_kv_transfer_group()
+    connector = getattr(connector, "_flexkv_connector", connector)  # under vLLM's in-tree FlexKVConnectorV1
     if not isinstance(connector, FlexKVConnector):
         raise RuntimeError(f"the engine's KV connector is {type(connector).__name__}, not FlexKVConnector")
     return connector.worker

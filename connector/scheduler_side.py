@@ -12,6 +12,13 @@ until the workers report its load over.
 A load larger than the CPU tier goes through it in rounds: the manager pins
 every block of a load in the CPU tier, so one round takes what fits and the
 next starts when it is done.
+
+With a remote tier, the manager also knows the blocks other engines put in the
+shared store: before it answers a request's first lookup, a background thread
+asks the store about the blocks past those known here (``RemoteDiscovery``,
+one call bounded by the store's timeout), and vLLM is told to ask again
+meanwhile. Blocks the store holds join the REMOTE tier and load like any other;
+blocks stored here reach the store through the write policy's copies down.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.keys import BlockKeyer
 from flexkv_runtime.control.manager import RequestDone
 from flexkv_runtime.control.ops import OpKind, TransferOp
+from flexkv_runtime.data.remote import RemoteDiscovery, open_store
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request, RequestStatus
 
@@ -107,7 +115,8 @@ class FlexKVScheduler:
         self.outbound = OutboundOps()
         cfg = settings.runtime
         self.manager = build_manager(
-            tiers={"cpu": cfg["cpu"], "ssd": cfg.get("ssd")},  # capacities in blocks as the workers count them
+            # capacities in blocks as the workers count them
+            tiers={"cpu": cfg["cpu"], "ssd": cfg.get("ssd"), "remote": cfg.get("remote")},
             eviction=cfg["eviction"],
             admission=cfg["admission"],
             prefetch=cfg["prefetch"],
@@ -119,6 +128,11 @@ class FlexKVScheduler:
             allow_offline=False,
         )
         self.kv_cache_manager = None  # vLLM's, bound after construction
+        self.discovery = None
+        if settings.remote_blocks:
+            remote = cfg["remote"]
+            self.discovery = RemoteDiscovery(open_store(remote), settings.rank_namespaces(),
+                                             max_blocks=remote["discovery_max_blocks"], clock=clock)
         self._requests: dict[str, _Request] = {}
         #: op id -> (workers that reported it, failed keys so far)
         self._reports: dict[int, tuple[int, frozenset]] = {}
@@ -152,6 +166,8 @@ class FlexKVScheduler:
         if request.skip_reading_prefix_cache:
             return 0, False
         state = self._state(request)
+        if self._discovering(state, num_computed_tokens):
+            return None, False  # ask again once the remote store has answered (within its timeout)
         now = self.clock()
         if state.first_lookup is None:
             state.first_lookup = now
@@ -161,6 +177,12 @@ class FlexKVScheduler:
         state.local_blocks = num_computed_tokens // self.tokens_per_block
         hit_blocks = found.ready_blocks - state.local_blocks
         return (hit_blocks * self.tokens_per_block, True) if hit_blocks > 0 else (0, False)
+
+    def _discovering(self, state: _Request, num_computed_tokens: int) -> bool:
+        """Whether the remote store is still being asked about the request's blocks that vLLM lacks."""
+        if self.discovery is None or num_computed_tokens >= len(state.keys) * self.tokens_per_block:
+            return False
+        return self.discovery.find(self.manager, state.request.request_id, state.keys) is None
 
     def update_state_after_alloc(self, request: Request, gpu_block_ids: list[int], num_external_tokens: int) -> None:
         if num_external_tokens == 0:
@@ -218,6 +240,8 @@ class FlexKVScheduler:
     def request_finished(self, request: Request) -> bool:
         """Whether vLLM must keep the request's blocks until the workers report its stores done."""
         rid = request.request_id
+        if self.discovery is not None:
+            self.discovery.forget(rid)
         state = self._requests.get(rid)
         if state is None:
             return False
@@ -349,6 +373,13 @@ class FlexKVScheduler:
     def has_pending_work(self) -> bool:
         """Keep vLLM stepping while transfers run, and one step more to tell the workers all is quiet."""
         return self._busy() or self._shipped_busy
+
+    def shutdown(self) -> None:
+        """Stop the discovery thread and drop its store connection (the workers close their own)."""
+        if self.discovery is not None:
+            self.discovery.close()
+            self.discovery.store.close()
+            self.discovery = None
 
     def reset_cache(self) -> bool:
         dropped = self.manager.reset()

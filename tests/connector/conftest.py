@@ -109,6 +109,7 @@ class Engine:
         connector: FlexKVConnector = self.scheduler.connector
         settings = dataclasses.replace(connector.scheduler.settings, world_size=world_size)
         if world_size > 1:  # the config says one worker; the scheduler half is told of more
+            connector.scheduler.shutdown()
             connector.scheduler = FlexKVScheduler(settings)
             connector.scheduler.kv_cache_manager = self.scheduler.kv_cache_manager
         self.flexkv = connector.scheduler
@@ -238,6 +239,7 @@ class Engine:
     def close(self) -> None:
         for worker in self.workers:
             worker.shutdown()
+        self.scheduler.shutdown()
 
 
 @pytest.fixture

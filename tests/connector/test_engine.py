@@ -2,7 +2,9 @@
 
 Each engine runs in a process of its own (``engine_job.py``); the outputs of a
 run without the connector are the reference every other run must reproduce
-token for token.
+token for token. Every run with the connector runs twice: loaded by module
+path, and through vLLM's in-tree ``FlexKVConnectorV1`` name with its settings
+in a ``FLEXKV_CONFIG_PATH`` file.
 """
 from __future__ import annotations
 
@@ -18,6 +20,21 @@ BLOCK = 32
 
 
 CORRUPT_BLOCK = 3
+IN_TREE_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.flexkv_connector.FlexKVConnectorV1"
+
+
+@pytest.fixture(scope="module", params=["module_path", "in_tree"])
+def loading(request):
+    """How vLLM finds the connector (see engine_job.py); module-scoped, so each way reuses its SSD engines."""
+    return request.param
+
+
+def connector_run(run_engine, loading, job):
+    """An engine job with the connector loaded ``loading``'s way, checked to be the class vLLM runs."""
+    result = run_engine({**job, "loading": loading})
+    in_tree = result["connector_class"] == IN_TREE_CLASS
+    assert in_tree == (loading == "in_tree"), result["connector_class"]
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +61,12 @@ def reference(run_engine, p):
 
 
 @pytest.fixture(scope="module")
-def ssd_runs(run_engine, tmp_path_factory, p):
+def ssd_runs(run_engine, loading, tmp_path_factory, p):
     """One engine fills the SSD tier and serves A back from it; a second one, started on the same
     directory after the first exited and after one of B's blocks was corrupted, serves A and B."""
     directory = tmp_path_factory.mktemp("ssd")
     job = {"connector": ssd_config(directory), "engine_id": "restart-test", "max_num_batched_tokens": 128}
-    first = run_engine({**job, "actions": [
+    first = connector_run(run_engine, loading, {**job, "actions": [
         {"do": "generate", "name": "A", "prompts": [p.A]},
         {"do": "flush"},
         {"do": "generate", "name": "B", "prompts": [p.B]},
@@ -60,7 +77,7 @@ def ssd_runs(run_engine, tmp_path_factory, p):
         {"do": "totals", "name": "after"},
     ]})
     corrupt_block(directory, chain=1, depth=CORRUPT_BLOCK)
-    second = run_engine({**job, "actions": [
+    second = connector_run(run_engine, loading, {**job, "actions": [
         {"do": "generate", "name": "A", "prompts": [p.A]},
         {"do": "totals", "name": "A"},
         {"do": "generate", "name": "B", "prompts": [p.B]},
@@ -94,8 +111,8 @@ def gained(totals: dict, before: dict, name: str) -> float:
     return totals.get(name, 0) - before.get(name, 0)
 
 
-def test_cpu_tier_serves_a_repeated_prompt(run_engine, reference, p):
-    run = run_engine({"connector": {"cpu_bytes": 64 << 20}, "actions": [
+def test_cpu_tier_serves_a_repeated_prompt(run_engine, loading, reference, p):
+    run = connector_run(run_engine, loading, {"connector": {"cpu_bytes": 64 << 20}, "actions": [
         {"do": "generate", "name": "A", "prompts": [p.A]},
         {"do": "flush"},
         {"do": "reset"},
@@ -131,10 +148,11 @@ def test_corrupt_ssd_block_is_recomputed(ssd_runs, reference, p):
     assert gained(after, before, "hit_tokens_ssd") + gained(after, before, "hit_tokens_cpu") == CORRUPT_BLOCK * BLOCK
 
 
-def test_preemption_with_the_connector_changes_no_output(run_engine, reference, p):
-    run = run_engine({"connector": {"cpu_bytes": 64 << 20}, "kv_cache_bytes": 80 * 32 * 1024, "max_model_len": 2048,
-                      "actions": [{"do": "generate", "name": "batch", "prompts": p.batch, "max_tokens": 48},
-                                  {"do": "totals", "name": "end"}]})
+def test_preemption_with_the_connector_changes_no_output(run_engine, loading, reference, p):
+    run = connector_run(run_engine, loading, {
+        "connector": {"cpu_bytes": 64 << 20}, "kv_cache_bytes": 80 * 32 * 1024, "max_model_len": 2048,
+        "actions": [{"do": "generate", "name": "batch", "prompts": p.batch, "max_tokens": 48},
+                    {"do": "totals", "name": "end"}]})
     assert run["outputs"]["batch"] == reference["outputs"]["batch"]
     assert run["logprobs"]["batch"] == reference["logprobs"]["batch"]
     assert run["totals"]["end"]["preemptions"] > 0

@@ -213,9 +213,10 @@ def test_breaker_opens_after_failures_in_a_row_and_lets_one_probe_through_after_
     breaker.record(False)
     assert breaker.allow() and not breaker.is_open
     breaker.record(False)
-    assert breaker.is_open and not breaker.allow()
+    assert breaker.is_open and breaker.refusing and not breaker.allow()
     now[0] = 5.0
-    assert breaker.allow() and not breaker.allow()  # one probe at a time
+    assert not breaker.refusing  # a caller may look without taking the probe
+    assert breaker.allow() and breaker.refusing and not breaker.allow()  # one probe at a time
     breaker.record(False)
     assert not breaker.allow()
     now[0] = 10.0

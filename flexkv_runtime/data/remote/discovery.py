@@ -76,17 +76,18 @@ class RemoteDiscovery:
         """Blocks of ``keys`` adopted from the store for this request, or None while the store is being asked.
 
         The first call for a request starts the ask and returns None (unless
-        the manager already holds every block, or the store is known down:
-        then 0). Later calls return None until the answer is in, then adopt it
-        and return the number of blocks adopted into the REMOTE tier (0 when
-        the store had none, did not answer in time, or the tier is full);
-        from then on they return that number without asking again.
+        the manager already holds every block, or the circuit breaker refuses
+        calls now: then 0; past its cooldown the ask is the probe). Later
+        calls return None until the answer is in, then adopt it and return
+        the number of blocks adopted into the REMOTE tier (0 when the store
+        had none, did not answer in time, or the tier is full); from then on
+        they return that number without asking again.
         """
         ask = self._asks.get(request_id)
         if ask is None:
             start = _known_prefix(manager, keys)
             wanted = list(keys[start : start + self.max_blocks])
-            if not wanted or REMOTE not in manager.tiers or self.store.breaker.is_open:
+            if not wanted or REMOTE not in manager.tiers or self.store.breaker.refusing:
                 return 0
             ask = self._ask(request_id, start, keys[start - 1] if start else None, wanted)
             return None

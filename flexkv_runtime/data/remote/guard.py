@@ -57,6 +57,13 @@ class CircuitBreaker:
         with self._lock:
             return self._opened_at is not None
 
+    @property
+    def refusing(self) -> bool:
+        """Whether a call now would be refused without reaching the store: open and cooling down, or a probe
+        is out. Unlike ``allow`` it claims nothing, so a caller may check it before handing a call on."""
+        with self._lock:
+            return self._opened_at is not None and (self._probing or self.clock() - self._opened_at < self.cooldown_s)
+
     def allow(self) -> bool:
         """Whether a call may go to the store now (in the half-open state, only the one probe may)."""
         with self._lock:
