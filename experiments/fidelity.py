@@ -2,13 +2,14 @@
 
 1. Calibrate. Real vLLM (the CPU build, a small Llama with dummy weights, ``conf/fidelity.yaml``)
    runs with the FlexKV connector on prompts of its own. Every engine step is timed with the new
-   tokens it computes and the KV tokens it reads (the step-time profile the simulator fits),
-   loads from the CPU tier are timed end to end through the connector, and the logic of
-   ``bench copy`` and ``bench ssd`` measures the copy and SSD bandwidths.
+   tokens it computes, the KV tokens it reads and its attention pairs (the step-time profile the
+   simulator fits), prefills after an idle spell give the cold-start factor, loads from the CPU
+   tier are timed end to end through the connector, and the logic of ``bench copy`` and
+   ``bench ssd`` measures the copy and SSD bandwidths.
 2. Serve. Both caches are emptied and the workload is served in real time, each request added
-   at its arrival time. For every request the connector's decision is logged through vLLM's
-   connector API (blocks from vLLM's own prefix cache, from the CPU tier, from the SSD tier)
-   with its time to first token.
+   at its arrival time. For every request the decision is logged (blocks from vLLM's own prefix
+   cache, and from each tier as the control plane counts them while it plans the load) with its
+   time to first token, and every step with its shape and timing (``steps`` of each run).
 3. Simulate and compare. The simulator, given the measured profile and links and the same
    tiers and policies, serves the same workload. Per request: |sim - real| / real of TTFT, and
    whether the blocks served from each tier match. A second real run, compared with the first the
@@ -45,7 +46,8 @@ from experiments.common import CONF_DIR, PROJECT_ROOT, load_workload
 from flexkv_sim.engine import EngineConfig
 from flexkv_sim.hardware import HardwareSpec
 from flexkv_sim.metrics import request_frame
-from flexkv_sim.model import ModelSpec
+from flexkv_sim.model import ModelSpec, StepTime
+from flexkv_sim.model import profile as profile_fit
 from flexkv_sim.simulator import Simulation
 from flexkv_sim.workloads.request import Workload
 
@@ -108,6 +110,7 @@ def served_from(frame: pd.DataFrame, side: str = "real") -> pd.Series:
 def plot_ttft(frame: pd.DataFrame, summary: dict[str, Any], path: Path) -> Path:
     """Simulated against measured TTFT, one point per request, by how the real engine served it."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -130,8 +133,13 @@ def plot_ttft(frame: pd.DataFrame, summary: dict[str, Any], path: Path) -> Path:
                            s=60, facecolors="none", edgecolors="red")
     if not frame.decision_agrees.all():
         ax.scatter([], [], marker="o", s=60, facecolors="none", edgecolors="red", label="hit/miss decision differs")
+    ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if low <= t <= high]
     ax.set_xscale("log")
     ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
+        axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
     ax.set_xlabel("measured TTFT on real vLLM with the connector (ms, log scale)")
@@ -184,25 +192,34 @@ def random_prompt(rng: np.random.Generator, length: int, vocab_size: int) -> lis
 # --------------------------------------------------------------- calibration
 
 
-def step_profile(steps: Sequence[tuple[int, int, float]], path: Path) -> Path:
-    """The simulator's profile CSV (``tokens, context, seconds``, steps that computed tokens).
+def step_profile(steps: Sequence[Sequence[float]], path: Path) -> Path:
+    """The simulator's profile CSV (``tokens, context, attention, seconds``, steps that computed tokens).
 
-    Calibration repeats every step shape, and each shape keeps its median time; shapes still far
-    off a first linear fit (over 3 robust deviations: steps slowed by other processes on a shared
-    machine) are dropped, so that the simulator's least-squares fit follows the engine, not the noise.
-    A small model's attention costs less than the noise: when the KV tokens read come out with a
-    negative weight, the profile leaves them out (context 0), since a negative step time is no time.
+    ``steps`` are (tokens, context, attention pairs, seconds), or (tokens, context, seconds) from a run
+    that did not count attention pairs. Calibration repeats every step shape, and each shape keeps its
+    median time; shapes still far off a first linear fit, by their share of it (over 3 robust deviations
+    and 10%: steps slowed by other processes on a shared machine), are dropped, so that the simulator's
+    least-squares fit follows the engine, not the noise. A small model's attention costs less than the
+    noise: a term that comes out with a negative weight is left out (0), since a negative step time is
+    no time.
     """
-    frame = pd.DataFrame(steps, columns=["tokens", "context", "seconds"])
-    frame = frame[frame.tokens > 0].groupby(["tokens", "context"], as_index=False).seconds.median()
-    design = np.column_stack([np.ones(len(frame)), frame.tokens, frame.context])
-    coefficients, *_ = np.linalg.lstsq(design, frame.seconds, rcond=None)
-    residuals = frame.seconds - design @ coefficients
-    spread = 1.4826 * np.median(np.abs(residuals - np.median(residuals)))
-    frame = frame[np.abs(residuals) <= 3 * max(spread, 1e-4)].copy()
-    design = np.column_stack([np.ones(len(frame)), frame.tokens, frame.context])
-    if np.linalg.lstsq(design, frame.seconds, rcond=None)[0][2] < 0:
-        frame["context"] = 0
+    columns = ["tokens", "context", "attention"][: len(steps[0]) - 1]
+    frame = pd.DataFrame(steps, columns=[*columns, "seconds"])
+    frame = frame[frame.tokens > 0].groupby(columns, as_index=False).seconds.median()
+
+    def fit(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Least squares of the relative error: a step slowed 100-fold weighs as much as any other."""
+        design = np.column_stack([np.ones(len(table)), *(table[c] for c in columns)])
+        return design, np.linalg.lstsq(design / table.seconds.to_numpy()[:, None], np.ones(len(table)),
+                                       rcond=None)[0]
+
+    design, coefficients = fit(frame)
+    off = frame.seconds / (design @ coefficients) - 1
+    spread = 1.4826 * np.median(np.abs(off - np.median(off)))
+    frame = frame[np.abs(off - np.median(off)) <= max(3 * spread, 0.1)].copy()
+    for column, weight in zip(columns[1:], fit(frame)[1][2:]):
+        if weight < 0:
+            frame[column] = 0
     frame.to_csv(path, index=False)
     return path
 
@@ -269,7 +286,6 @@ class RealEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
         from vllm.config import KVTransferConfig
-        from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
         from connector.flexkv_connector import WORKER_EXTENSION
 
@@ -298,45 +314,64 @@ class RealEngine:
         self.engine = self.llm.llm_engine
         self.scheduler = self.engine.engine_core.engine_core.scheduler
         self.gpu_blocks = int(self.engine.vllm_config.cache_config.num_gpu_blocks)
-        self.steps: list[tuple[int, int, float]] = []  # (new tokens, KV tokens read, seconds)
+        #: (new tokens, KV tokens read, attention pairs, seconds)
+        self.steps: list[tuple[int, int, int, float]] = []
+        #: the last serve()'s steps: (start, end, new tokens, KV tokens read, attention pairs, connector ops in
+        #: flight, {request: new tokens}), times in seconds from the serve's start
+        self.timeline: list[tuple[float, float, int, int, int, int, dict[str, int]]] = []
         self.decisions: dict[str, dict[str, int]] = {}  # by the request id serve() was given
+        self.allocated_at: dict[str, int] = {}  # request -> index in ``timeline`` of the step that gave it blocks
         self._given_id: dict[str, str] = {}  # vLLM's request id -> the one serve() was given
-        self._shape = (0, 0)
+        self._shape = (0, 0, 0)
+        self._scheduled: dict[str, int] = {}
+        self._ops = 0
         self._watch_scheduler()
-        self._watch_connector(self.scheduler.connector, {CacheHitSource.HOST: "cpu", CacheHitSource.DISK: "ssd"})
+        self._watch_connector(self.scheduler.connector)
 
     def _watch_scheduler(self) -> None:
         scheduler, schedule = self.scheduler, self.scheduler.schedule
+        manager = scheduler.connector.scheduler.manager
 
         def timed_schedule(*args: Any, **kwargs: Any):
             out = schedule(*args, **kwargs)
-            # after schedule() a request's computed tokens include this step's: the KV the step reads
-            self._shape = (out.total_num_scheduled_tokens,
-                           sum(scheduler.requests[rid].num_computed_tokens for rid in out.num_scheduled_tokens))
+            # after schedule() a request's computed tokens include this step's: the KV the step reads;
+            # each new token attends to the tokens before it
+            context = attention = 0
+            for rid, tokens in out.num_scheduled_tokens.items():
+                computed = scheduler.requests[rid].num_computed_tokens
+                context += computed
+                attention += tokens * (computed - tokens) + tokens * (tokens + 1) // 2
+            self._shape = (out.total_num_scheduled_tokens, context, attention)
+            self._scheduled = {self._given_id.get(rid, rid): n for rid, n in out.num_scheduled_tokens.items()}
+            self._ops = manager.ops_in_flight  # this step's stores included: they are planned in schedule()
             return out
 
         scheduler.schedule = timed_schedule
 
-    def _watch_connector(self, connector: Any, tier_of: dict[Any, str]) -> None:
+    def _watch_connector(self, connector: Any) -> None:
+        """Log each request's decision: vLLM's own hit, and the blocks the control plane loads from each tier as
+        its hit counters tell while it plans the load (the simulator counts the same way; the connector's hit
+        sources would tell where the blocks were at lookup, before the plan's promotions made room for them)."""
         local: dict[str, int] = {}
         matched, allocated = connector.get_num_new_matched_tokens, connector.update_state_after_alloc
-        size = self.block_size
+        size, manager = self.block_size, connector.scheduler.manager
 
         def get_num_new_matched_tokens(request: Any, num_computed_tokens: int):
             local[request.request_id] = num_computed_tokens
             return matched(request, num_computed_tokens)
 
         def update_state_after_alloc(request: Any, blocks: Any, num_external_tokens: int) -> None:
+            before = dict(manager.stats.block_hits)
             allocated(request, blocks, num_external_tokens)
             rid = request.request_id
             given = self._given_id.get(rid, rid)
             if given in self.decisions:  # re-allocated after a preemption: the first decision counts
                 return
-            decision = {"gpu": local.get(rid, 0) // size, "cpu": 0, "ssd": 0}
-            if num_external_tokens:
-                for source, tokens in connector.get_external_cache_hit_sources(request, num_external_tokens).items():
-                    decision[tier_of.get(source, "cpu")] += tokens // size
-            self.decisions[given] = decision
+            hits = manager.stats.block_hits
+            self.decisions[given] = {"gpu": local.get(rid, 0) // size,
+                                     **{tier: hits.get(tier.upper(), 0) - before.get(tier.upper(), 0)
+                                        for tier in ("cpu", "ssd")}}
+            self.allocated_at[given] = len(self.timeline)  # the step being scheduled
 
         connector.get_num_new_matched_tokens = get_num_new_matched_tokens
         connector.update_state_after_alloc = update_state_after_alloc
@@ -350,6 +385,7 @@ class RealEngine:
         pending = deque(sorted(prompts, key=lambda p: p.arrival_s))
         arrival: dict[str, float] = {}
         first: dict[str, float] = {}
+        self.timeline = []
         start = time.perf_counter()
         while pending or self.scheduler.has_requests():
             now = time.perf_counter() - start
@@ -364,10 +400,11 @@ class RealEngine:
                 time.sleep(max(0.0, pending[0].arrival_s - now))
                 continue
             began = time.perf_counter()
-            self._shape = (0, 0)
+            self._shape, self._scheduled, self._ops = (0, 0, 0), {}, 0
             outputs = self.engine.step()
             ended = time.perf_counter()
             self.steps.append((*self._shape, ended - began))
+            self.timeline.append((began - start, ended - start, *self._shape, self._ops, self._scheduled))
             for output in outputs:
                 if output.request_id not in first and output.outputs and output.outputs[0].token_ids:
                     first[output.request_id] = ended - start
@@ -390,7 +427,13 @@ class RealEngine:
 
 
 def calibrate(real: RealEngine, cfg: DictConfig) -> dict[str, Any]:
-    """Step times, end-to-end CPU-tier load time, on prompts the workload never uses."""
+    """Step times, end-to-end CPU-tier load time, on prompts the workload never uses.
+
+    Step shapes: prefills alone, prefills behind a prefix vLLM has cached, decode batches, all back to
+    back; then prefills after the engine sat idle (``cold_steps``: on a CPU a prefill step that comes
+    long after the last one is slower, and the simulator scales such steps by their median ratio to the
+    profile) and the time from adding a request to its first step then (``arrival_latency_s``).
+    """
     c, vocab = cfg.calibration, int(cfg.model.vocab_size)
     rng = np.random.default_rng(12345)
     lengths = list(c.prefill_lengths)
@@ -404,7 +447,21 @@ def calibrate(real: RealEngine, cfg: DictConfig) -> dict[str, Any]:
         for batch in c.decode_batches:  # decode steps of `batch` sequences
             real.serve([Prompt(f"decode{repeat}-{batch}-{i}", random_prompt(rng, 64 + 96 * i, vocab),
                                int(c.decode_tokens)) for i in range(int(batch))])
+        for base_length in c.context_lengths:  # prefills behind a cached prefix of `base_length` tokens
+            base = random_prompt(rng, int(base_length), vocab)
+            real.serve([Prompt(f"base{repeat}-{base_length}", base, 1)])
+            for length in c.context_prefills:
+                real.serve([Prompt(f"context{repeat}-{base_length}-{length}",
+                                   base + random_prompt(rng, int(length), vocab), 1)])
     steps = list(real.steps)
+    cold_steps, arrivals = [], []
+    for repeat in range(int(c.repeats)):
+        for length in c.cold_lengths:
+            time.sleep(float(c.cold_idle_s))
+            real.steps.clear()
+            real.serve([Prompt(f"cold{repeat}-{length}", random_prompt(rng, int(length), vocab), 1)])
+            cold_steps.append(real.steps[0])
+            arrivals.append(real.timeline[0][0])
     loads = []
     for blocks in c.load_blocks:
         for repeat in range(int(c.repeats)):
@@ -417,7 +474,17 @@ def calibrate(real: RealEngine, cfg: DictConfig) -> dict[str, Any]:
             if after.get("loads", 0) > before.get("loads", 0):
                 loads.append((int(blocks), after["load_seconds"] - before.get("load_seconds", 0.0)))
     real.settle_and_empty(reset_connector=True)
-    return {"steps": steps, "loads": loads}
+    return {"steps": steps, "cold_steps": cold_steps, "arrival_latency_s": float(np.median(arrivals)),
+            "loads": loads}
+
+
+def cold_start_factor(cold_steps: Sequence[Sequence[float]], step_time: StepTime) -> float:
+    """How much longer a prefill step long after the last one takes: the median ratio of such steps to the
+    profile (at least 1)."""
+    if not cold_steps:
+        return 1.0
+    ratios = [seconds / step_time(tokens, attention, context) for tokens, context, attention, seconds in cold_steps]
+    return max(1.0, float(np.median(ratios)))
 
 
 def load_latency(loads: Sequence[tuple[int, float]], block_bytes: int, h2d_bandwidth: float) -> float:
@@ -432,7 +499,8 @@ def load_latency(loads: Sequence[tuple[int, float]], block_bytes: int, h2d_bandw
 
 
 def hardware(cfg: DictConfig, gpu_blocks: int, links: dict[str, float]) -> HardwareSpec:
-    """``cfg.hierarchy`` with the engine's KV pool, the connector's tiers and the measured links."""
+    """``cfg.hierarchy`` with the engine's KV pool, the connector's tiers and the measured links. Every op
+    pays the connector's round trip measured on CPU-tier loads (``load_latency_s``): loads and SSD reads."""
     spec = OmegaConf.to_container(cfg.hierarchy, resolve=True)
     spec["gpu"]["kv_capacity_blocks"] = gpu_blocks
     spec["pcie"]["h2d"] |= {"bandwidth": links["h2d_gbps"] * 1e9, "latency_s": links["load_latency_s"]}
@@ -440,14 +508,17 @@ def hardware(cfg: DictConfig, gpu_blocks: int, links: dict[str, float]) -> Hardw
     spec["cpu"] = {"capacity_blocks": int(cfg.connector.cpu_blocks)}
     spec["ssd"] |= {"capacity_bytes": None, "capacity_blocks": int(cfg.connector.ssd_blocks)}
     if "ssd_read_gbps" in links:
-        spec["ssd"]["read"]["bandwidth"] = links["ssd_read_gbps"] * 1e9
+        spec["ssd"]["read"] |= {"bandwidth": links["ssd_read_gbps"] * 1e9, "latency_s": links["load_latency_s"]}
         spec["ssd"]["write"]["bandwidth"] = links["ssd_write_gbps"] * 1e9
     return HardwareSpec.from_config(spec)
 
 
-def simulate(cfg: DictConfig, workload: Workload, hw: HardwareSpec, profile: Path) -> pd.DataFrame:
+def simulate(cfg: DictConfig, workload: Workload, hw: HardwareSpec, profile: Path, cold_start: float = 1.0,
+             arrival_latency_s: float = 0.0) -> pd.DataFrame:
     engine = EngineConfig(max_num_seqs=int(cfg.engine.max_num_seqs),
-                          max_num_batched_tokens=int(cfg.engine.max_num_batched_tokens), step_profile=str(profile))
+                          max_num_batched_tokens=int(cfg.engine.max_num_batched_tokens), step_profile=str(profile),
+                          cold_start_factor=cold_start, cold_after_s=float(cfg.calibration.cold_after_s),
+                          arrival_latency_s=arrival_latency_s)
     policies = {kind: OmegaConf.to_container(cfg[kind]) for kind in ("eviction", "admission", "prefetch")}
     simulation = Simulation(workload, hardware=hw, model=model_spec(cfg.model), engine=engine,
                             write_policy=cfg.connector.write_policy, **policies)
@@ -480,7 +551,9 @@ def measure_real(cfg: DictConfig, work_dir: Path) -> dict[str, Any]:
             print(f"real vLLM: serving the workload, run {number} of {cfg.fidelity.real_runs} "
                   f"(~{workload.duration_s:.0f} s)", flush=True)
             real.decisions.clear()
-            runs.append({"ttft": real.serve(prompts), "decisions": dict(real.decisions)})
+            real.allocated_at.clear()
+            runs.append({"ttft": real.serve(prompts), "decisions": dict(real.decisions), "steps": real.timeline,
+                         "allocated_at": dict(real.allocated_at)})
             real.settle_and_empty(reset_connector=True)
     finally:
         real.close()
@@ -522,8 +595,11 @@ def main(cfg: DictConfig) -> None:
     (out_dir / "measured.json").write_text(json.dumps(measured))
     links = measured["links"]
     profile = step_profile(measured["steps"], out_dir / "step_profile.csv")
+    links["cold_start_factor"] = cold_start_factor(measured.get("cold_steps", []), profile_fit(profile))
+    links["arrival_latency_s"] = measured.get("arrival_latency_s", 0.0)
     # vLLM keeps one block of its pool as the null block
-    sim = simulate(cfg, workload, hardware(cfg, measured["gpu_blocks"] - 1, links), profile)
+    sim = simulate(cfg, workload, hardware(cfg, measured["gpu_blocks"] - 1, links), profile,
+                   links["cold_start_factor"], links["arrival_latency_s"])
     real_runs = [real_frame(workload, run["ttft"], run["decisions"]) for run in measured["runs"]]
     frame, summary = compare(real_runs[0], sim)
     frame.to_csv(out_dir / "comparison.csv", index=False)

@@ -4,9 +4,16 @@ Built from the control plane's pieces rather than a second cache manager: each
 cached block is a ``Block`` record (its parent, depth and ``pins``, which count
 the running requests using it) and an eviction policy from
 ``flexkv_runtime.policies`` picks which unpinned cached block to reuse when
-empty blocks run out (LRU is vLLM's own behaviour). Blocks without a key (a
-partial last block, decode tokens, a second copy of a block another request
-cached first) are only counted.
+empty blocks run out. As in vLLM's block pool, a block becomes a candidate when
+its last user frees it, and a request frees its blocks from the last to the
+first: the policy hears of a block (``on_insert`` the first time, ``on_hit``
+after) when it is freed, so LRU evicts as vLLM does, a prompt's tail before its
+head. Blocks without a key (a partial last block, decode tokens, a second copy
+of a block another request cached first) are only counted, and reused first.
+
+A request is admitted only if its whole sequence fits (the simulator does not
+preempt), but, as in vLLM, it takes its blocks only when its tokens need them
+(``take``): a cached block is evicted when a block is written, not before.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ class GpuPrefixCache:
         self.policy.bind(context or PolicyContext(tier="GPU"))
         self.free = capacity_blocks  # blocks holding nothing
         self.unpinned = 0  # cached blocks no request uses: reusable after eviction
+        self.reserved = 0  # blocks promised to admitted requests, not taken yet
         self.evictions = 0
         blocks = self.blocks
         self._can_evict = lambda key: blocks[key].pins == 0
@@ -36,10 +44,6 @@ class GpuPrefixCache:
     @property
     def available(self) -> int:
         return self.free + self.unpinned
-
-    @property
-    def used(self) -> int:
-        return self.capacity - self.available
 
     def prefix(self, keys: Sequence[Hashable], limit: int) -> list[Block]:
         """Cached blocks at the start of ``keys``, at most ``limit``."""
@@ -52,21 +56,24 @@ class GpuPrefixCache:
             hit.append(block)
         return hit
 
-    def can_acquire(self, hit: Sequence[Block], new_blocks: int) -> bool:
+    def can_admit(self, hit: Sequence[Block], new_blocks: int) -> bool:
         revived = sum(1 for block in hit if block.pins == 0)
-        return self.available - revived >= new_blocks
+        return self.available - self.reserved - revived >= new_blocks
 
-    def acquire(self, hit: Sequence[Block], new_blocks: int) -> None:
-        """Pin the hit blocks and take ``new_blocks`` empty ones, evicting cached blocks as needed."""
-        policy = self.policy
+    def admit(self, hit: Sequence[Block], new_blocks: int) -> None:
+        """Pin the hit blocks and promise ``new_blocks`` more."""
         for block in hit:
             if block.pins == 0:
                 self.unpinned -= 1
             block.pins += 1
-            policy.on_hit(block.key, block)
+        self.reserved += new_blocks
+
+    def take(self, new_blocks: int) -> None:
+        """Take ``new_blocks`` promised blocks to write into: empty ones first, then evicted cached ones."""
+        self.reserved -= new_blocks
         shortfall = new_blocks - self.free
         if shortfall > 0:
-            blocks, victim, can_evict = self.blocks, policy.victim, self._can_evict
+            blocks, victim, can_evict = self.blocks, self.policy.victim, self._can_evict
             for _ in range(shortfall):
                 del blocks[victim(can_evict)]
             self.unpinned -= shortfall
@@ -82,7 +89,7 @@ class GpuPrefixCache:
         """
         if not self.enabled or start >= end:
             return []
-        blocks, on_insert = self.blocks, self.policy.on_insert
+        blocks = self.blocks
         parent = blocks.get(keys[start - 1]) if start else None
         named = []
         for key in keys[start:end]:
@@ -90,15 +97,25 @@ class GpuPrefixCache:
             if block is None:
                 block = blocks[key] = Block(key, parent, 0.0)
                 block.pins = 1
-                on_insert(key, block)
                 named.append(block)
             parent = block
         return named
 
-    def release(self, blocks: Sequence[Block], anonymous: int) -> None:
-        """A request is done with its blocks: named ones stay cached, anonymous ones are freed."""
-        for block in blocks:
+    def release(self, blocks: Sequence[Block], anonymous: int, untaken: int = 0) -> None:
+        """A request is done with its blocks (in prefix order): named ones stay cached, anonymous ones are
+        freed, and ``untaken`` promised ones are no longer promised.
+
+        ``Block.hits`` counts the times a block was freed: the policy is told of it the first time.
+        """
+        self.reserved -= untaken
+        policy = self.policy
+        for block in reversed(blocks):
             block.pins -= 1
             if block.pins == 0:
                 self.unpinned += 1
+                if block.hits:
+                    policy.on_hit(block.key, block)
+                else:
+                    policy.on_insert(block.key, block)
+                block.hits += 1
         self.free += anonymous

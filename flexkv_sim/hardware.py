@@ -45,6 +45,7 @@ class GpuSpec:
     mbu: float = 0.8  # achieved share of HBM bandwidth
     memory_utilization: float = 0.9  # share of HBM the engine may use (weights + KV)
     step_overhead_s: float = 0.001  # scheduling and launch cost of one step
+    copies_overlap_compute: bool = True  # KV copies run beside the forward (copy engines); false on a CPU box
     kv_capacity_blocks: int | None = None  # fixes the KV pool instead of deriving it from HBM
 
     def kv_blocks(self, weight_bytes: float, block_bytes: int) -> int:

@@ -118,33 +118,54 @@ class DecodeRun:
 
     def __init__(self, model: StepTime, batch: int, context_sum: int) -> None:
         self.overhead_s = model.overhead_s
-        self.lines = [(c + t * batch + (a + k) * context_sum, (a + k) * batch) for c, t, a, k in model.lines]
+        lines = [(c + t * batch + (a + k) * context_sum, (a + k) * batch) for c, t, a, k in model.lines]
+        #: (first step, a, b, first step of the next segment or None): the envelope, in order
+        self.segments: list[tuple[int, float, float, int | None]] = []
+        k = 0
+        while k is not None:
+            a, b = max(lines, key=lambda line: (line[0] + line[1] * k, line[1]))
+            end = None
+            for a2, b2 in lines:
+                if b2 > b:  # a steeper line overtakes this one at the first k where it is larger
+                    cross = max(k + 1, math.floor((a - a2) / (b2 - b)) + 1)
+                    end = cross if end is None else min(end, cross)
+            self.segments.append((k, a, b, end))
+            k = end
 
     def elapsed(self, steps: int) -> float:
         """Seconds taken by the first ``steps`` steps."""
         total = steps * self.overhead_s
-        k = 0
-        while k < steps:
-            a, b = max(self.lines, key=lambda line: (line[0] + line[1] * k, line[1]))
-            end = steps
-            for a2, b2 in self.lines:
-                if b2 > b:  # a steeper line overtakes this one at the first k where it is larger
-                    end = min(end, max(k + 1, math.floor((a - a2) / (b2 - b)) + 1))
+        for k, a, b, end in self.segments:
+            if k >= steps:
+                break
+            if end is None or end > steps:
+                end = steps
             n = end - k
             total += n * a + b * (k + end - 1) * n / 2
-            k = end
         return total
 
     def steps_by(self, seconds: float, limit: int) -> int:
-        """Fewest steps (at least 1, at most ``limit``) whose time reaches ``seconds``: the step running then ends."""
-        low, high = 1, limit
-        while low < high:
-            mid = (low + high) // 2
-            if self.elapsed(mid) >= seconds:
-                high = mid
-            else:
-                low = mid + 1
-        return low
+        """Fewest steps (at least 1, at most ``limit``) whose time reaches ``seconds``: the step running then ends.
+
+        Solved in the segment where ``seconds`` falls, then checked against ``elapsed`` step by step.
+        """
+        overhead, k, a, b = self.overhead_s, 0, 0.0, 0.0
+        for k, a, b, end in self.segments:
+            if end is None or end >= limit or self.elapsed(end) >= seconds:
+                break
+        # after the first k steps, m more take m (first + b (m - 1) / 2), first = overhead + a + b k
+        left, first = max(seconds - self.elapsed(k), 0.0), overhead + a + b * k
+        if b > 0:
+            half = first - b / 2
+            guess = (math.sqrt(half * half + 2 * b * left) - half) / b
+        else:
+            guess = left / first if first > 0 else 0.0
+        steps = min(max(1, k + math.ceil(guess)), limit)
+        while steps > 1 and self.elapsed(steps - 1) >= seconds:
+            steps -= 1
+        while steps < limit and self.elapsed(steps) < seconds:
+            steps += 1
+        return steps
 
 
 def roofline(model: ModelSpec, gpu: GpuSpec) -> StepTime:
@@ -157,17 +178,22 @@ def roofline(model: ModelSpec, gpu: GpuSpec) -> StepTime:
 
 
 def profile(path: str | Path) -> StepTime:
-    """Step time fitted to a measured table with columns ``tokens, context, seconds``.
+    """Step time fitted to a measured table with columns ``tokens, context, seconds`` and optionally
+    ``attention``.
 
     ``tokens`` are the batch's new tokens, ``context`` the KV tokens its sequences
-    attend to in total. The fit is ``seconds = c0 + c1 tokens + c2 context``
-    (least squares), which keeps decode runs analytic.
+    attend to in total, ``attention`` its attention pairs (a prefill chunk's new
+    tokens times the tokens before each). The fit is ``seconds = c0 + c1 tokens +
+    c2 context (+ c3 attention)`` (least squares), which keeps decode runs analytic.
     """
     with Path(path).open(newline="") as handle:
-        rows = [(float(r["tokens"]), float(r["context"]), float(r["seconds"])) for r in csv.DictReader(handle)]
-    if len(rows) < 3:
-        raise ValueError(f"profile {path} needs at least 3 rows of tokens, context, seconds; got {len(rows)}")
-    table = np.array(rows)
-    design = np.column_stack([np.ones(len(table)), table[:, 0], table[:, 1]])
-    (c0, c1, c2), *_ = np.linalg.lstsq(design, table[:, 2], rcond=None)
-    return StepTime([(c0, c1, 0.0, c2)])
+        records = list(csv.DictReader(handle))
+    columns = ["tokens", "context", *(["attention"] if records and "attention" in records[0] else [])]
+    if len(records) < len(columns) + 1:
+        raise ValueError(f"profile {path} needs at least {len(columns) + 1} rows of {', '.join(columns)}, seconds; "
+                         f"got {len(records)}")
+    table = np.array([[float(r[c]) for c in columns] for r in records])
+    seconds = np.array([float(r["seconds"]) for r in records])
+    coefficients, *_ = np.linalg.lstsq(np.column_stack([np.ones(len(table)), table]), seconds, rcond=None)
+    c0, c1, c2, *c3 = coefficients
+    return StepTime([(c0, c1, c3[0] if c3 else 0.0, c2)])

@@ -150,7 +150,8 @@ class Simulation:
                             clock=clock, block_bytes=block_bytes, prefill_cost=prefill_cost, oracle=self.oracle)
         self.pool = None
         if hardware.remote is not None:
-            pool_plane = SimDataPlane(env, self._pool_route, self._dispatch)
+            pool_plane = SimDataPlane(env, self._pool_route, self._dispatch_pool)
+            pool_plane.engine_of = self._engine_of_request
             self.pool = pool_plane.manager = build_manager(tiers={"cpu": dict(hardware.remote.capacity)},
                                                            data_plane=pool_plane, **manager_args)
         gpu_blocks = hardware.gpu.kv_blocks(model.weight_bytes, block_bytes)
@@ -174,7 +175,9 @@ class Simulation:
             gpu = GpuPrefixCache(gpu_blocks, engine.gpu_eviction, enabled=engine.enable_prefix_caching,
                                  context=context)
             self.engines.append(Engine(env, name, engine, step_time, model.layers, gpu, manager, self.pool,
-                                       self._finished, begin))
+                                       self._finished, begin, hardware.gpu.copies_overlap_compute))
+            if manager is not None:
+                manager.data_plane.engine_of = lambda op, engine=self.engines[-1]: engine
             self.links.append(links)
         self.router = make_router(router, self.engines)
         self.by_index: list[SimRequest | None] = [None] * len(requests)
@@ -192,12 +195,19 @@ class Simulation:
         links = self._links_of[self.by_index[op.request_id].engine]
         return (links.nic_rx if op.dst is GPU else links.nic_tx).reserve(op.nbytes, now)
 
-    def _dispatch(self, done: RequestDone) -> None:
+    def _engine_of_request(self, op: TransferOp) -> Engine:
+        """The pool serves every instance: its ops follow the steps of their request's engine."""
+        return self.by_index[op.request_id].engine
+
+    def _dispatch(self, done: RequestDone, pool: bool = False) -> None:
         sr = self.by_index[done.request_id]
         if done.kind is OpKind.LOAD:
             sr.engine.on_loaded(sr)
         else:
-            sr.engine.on_stored(sr)
+            sr.engine.on_stored(sr, pool)
+
+    def _dispatch_pool(self, done: RequestDone) -> None:
+        self._dispatch(done, pool=True)
 
     def _finished(self, sr: SimRequest) -> None:
         self.done.append(sr)

@@ -12,9 +12,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.common import CONF_DIR, load_workload
-from experiments.fidelity import (DECISION_COLUMNS, compare, load_latency, plot_ttft, prompts_of, served_from,
-                                  step_profile)
-from flexkv_sim.model import profile
+from experiments.fidelity import (DECISION_COLUMNS, cold_start_factor, compare, load_latency, plot_ttft, prompts_of,
+                                  served_from, step_profile)
+from flexkv_sim.model import StepTime, profile
 
 ROOT = Path(__file__).resolve().parents[2]
 #: a workload of 14 requests with shared prefixes, a few seconds long
@@ -60,6 +60,27 @@ def test_step_profile_keeps_shape_medians_and_drops_steps_slowed_by_others(tmp_p
     (c0, c1, _, c2), = profile(tmp_path / "profile.csv").lines
     assert c0 == pytest.approx(0.004, rel=0.05) and c1 == pytest.approx(8e-5, rel=0.05)
     assert c2 == pytest.approx(2e-6, rel=0.2)
+
+
+def test_step_profile_fits_the_attention_of_prefills_behind_a_cached_prefix(tmp_path):
+    # new tokens cost 100 us each and 50 ns per token they attend to (behind 0 to 1536 cached ones)
+    truth = lambda tokens, pairs: 0.004 + 1e-4 * tokens + 5e-8 * pairs  # noqa: E731
+    steps = []
+    for t in (32, 128, 320):
+        for cached in (0, 512, 1536):
+            pairs = t * cached + t * (t + 1) // 2
+            steps += [(t, cached + t, pairs, truth(t, pairs))] * 3
+    steps += [(b, 300 * b, 300 * b, truth(b, 300 * b)) for b in (1, 2, 4, 8)]  # decodes: one pair per KV token
+    (c0, c1, a, k), = profile(step_profile(steps, tmp_path / "profile.csv")).lines
+    assert c0 == pytest.approx(0.004) and c1 == pytest.approx(1e-4) and a == pytest.approx(5e-8)
+    assert abs(k) < 1e-9
+
+
+def test_cold_start_factor_is_the_median_ratio_of_cold_first_steps_to_the_profile():
+    step = StepTime([(0.002, 1e-4, 0.0, 0.0)])  # 12, 22 and 32 ms for 100, 200 and 300 tokens
+    cold = [(100, 100, 5050, 1.5 * 0.012), (200, 200, 20100, 1.4 * 0.022), (300, 300, 45150, 1.6 * 0.032)]
+    assert cold_start_factor(cold, step) == pytest.approx(1.5)
+    assert cold_start_factor([], step) == 1.0 and cold_start_factor([(100, 100, 5050, 0.006)], step) == 1.0
 
 
 def test_step_profile_leaves_out_context_it_cannot_see(tmp_path):

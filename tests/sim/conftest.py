@@ -27,10 +27,10 @@ def link(blocks_per_s: float = 1.0, latency_s: float = 0.0, queue_depth: int = 4
 
 
 def hardware(cpu_blocks: int | None = 64, ssd_blocks: int = 0, gpu_blocks: int = 1000,
-             h2d: LinkSpec | None = None, remote_blocks: int = 0) -> HardwareSpec:
+             h2d: LinkSpec | None = None, remote_blocks: int = 0, copies_overlap_compute: bool = True) -> HardwareSpec:
     return HardwareSpec(
         name="tiny",
-        gpu=GpuSpec(kv_capacity_blocks=gpu_blocks),
+        gpu=GpuSpec(kv_capacity_blocks=gpu_blocks, copies_overlap_compute=copies_overlap_compute),
         h2d=h2d or link(),
         d2h=link(),
         cpu={"capacity_blocks": cpu_blocks} if cpu_blocks else None,
@@ -61,10 +61,11 @@ def linear_profile(tmp_path):
 def sim(linear_profile):
     """Build a Simulation of the tiny model on the linear profile; keyword arguments override."""
 
-    def build(requests: Workload, *, prefix_caching: bool = True, layerwise: bool = False, **kwargs) -> Simulation:
+    def build(requests: Workload, *, prefix_caching: bool = True, layerwise: bool = False,
+              max_tokens: int = 8192, engine: dict | None = None, **kwargs) -> Simulation:
         kwargs.setdefault("hardware", hardware())
         engine = EngineConfig(step_profile=linear_profile, enable_prefix_caching=prefix_caching,
-                              layerwise_load=layerwise)
+                              layerwise_load=layerwise, max_num_batched_tokens=max_tokens, **(engine or {}))
         return Simulation(requests, model=TINY, engine=engine, **kwargs)
 
     return build

@@ -58,12 +58,21 @@ def test_two_loads_contending_on_one_link_take_twice_as_long(sim, tiny):
 
 def test_full_gpu_hit_skips_prefill_of_the_cached_prefix(sim, tiny):
     requests = tiny.workload([(0.0, (0, 1, 2, 3), 64, 1), (100.0, (0, 1, 2, 3), 64, 1)])
-    result = sim(requests).run()
+    result = sim(requests, hardware=tiny.hardware(cpu_blocks=None)).run()
     second = result.requests[1]
-    # vLLM recomputes at least the last token, so the last block is prefilled again
+    # vLLM's prefix cache leaves at least the last token to compute, so the last block is prefilled again
     assert second.gpu_hit == 3 and second.cached == 3
     assert ttft(second) == pytest.approx(0.016)
     assert not second.tier_hits and second.load_end_s is None
+
+
+def test_connector_loads_every_full_block_and_only_the_last_token_is_recomputed(sim, tiny):
+    # the connector's lookup is not capped like vLLM's own cache: a block-aligned prompt found whole
+    # in the CPU tier is loaded whole (4 blocks at 1 block/s), and vLLM recomputes its last token
+    requests = tiny.workload([(0.0, (0, 1, 2, 3), 64, 1), (100.0, (0, 1, 2, 3), 64, 1)])
+    second = sim(requests, prefix_caching=False).run().requests[1]
+    assert second.tier_hits["CPU"] == 4 and second.cached == 4
+    assert ttft(second) == pytest.approx(4.0 + 0.001)
 
 
 def test_gpu_blocks_wait_for_the_store_before_they_are_freed(sim, tiny):
@@ -92,3 +101,70 @@ def test_wait_complete_stop_rule_waits_for_blocks_in_flight_instead_of_recomputi
     stored = 0.064 + 4 / 0.1
     assert patient.cached == 3
     assert patient.first_token_s == pytest.approx(stored + 3.0 + 0.016, abs=0.002)  # + 3 blocks of H2D, 16 tokens
+
+
+def test_each_prefill_chunk_caches_its_blocks_for_requests_admitted_while_the_prompt_is_still_prefilling(sim, tiny):
+    # 64-token steps: request 0's 160 tokens take chunks of 64, 64 and 32; request 1, sharing its
+    # first 4 blocks, gets the 32 tokens left in the third step, and as in vLLM hits the blocks
+    # the first chunk computed although request 0's prefill has not ended
+    requests = tiny.workload([(0.0, tuple(range(10)), 160, 1), (0.010, (0, 1, 2, 3, 50, 51), 96, 1)])
+    first, second = sim(requests, max_tokens=64, hardware=tiny.hardware(cpu_blocks=None)).run().requests
+    assert second.admitted_s == pytest.approx(0.128) and first.first_token_s == pytest.approx(0.192)
+    assert second.gpu_hit == 4
+    assert ttft(second) == pytest.approx(0.192 - 0.010)  # its last 32 tokens, in the same step
+
+
+@pytest.mark.parametrize("overlap, scheduled", [(True, 103.023), (False, 103.024)])
+def test_a_load_is_reported_after_the_step_it_ends_in_and_scheduled_one_step_later(sim, tiny, overlap, scheduled):
+    # request 1 decodes in 1 ms steps; request 2 arrives mid-step, is admitted at 100.021 and loads 3
+    # blocks (0.3 ms + 3 s). The workers report the load at the end of the step it ends in, vLLM learns
+    # of it a step later, and then schedules the request. Where copies cannot overlap the forward (a
+    # CPU engine), the load itself starts only when the admitting step ends.
+    h2d = tiny.link(blocks_per_s=1.0, latency_s=0.0003)
+    requests = tiny.workload([(0.0, (0, 1, 2, 3), 64, 1), (100.0, (20,), 16, 10_000),
+                              (100.0205, (0, 1, 2, 9), 64, 1)])
+    hw = tiny.hardware(h2d=h2d, copies_overlap_compute=overlap)
+    third = sim(requests, prefix_caching=False, hardware=hw).run().requests[2]
+    assert third.admitted_s == pytest.approx(100.021) and third.cached == 3
+    assert third.load_end_s == pytest.approx(scheduled - 0.001)
+    assert third.first_token_s == pytest.approx(scheduled + 0.017)  # 16 tokens and the decoding one
+
+
+def test_a_finished_request_frees_its_blocks_tail_first_so_its_prefix_outlives_its_tail(sim, tiny):
+    # 5 GPU blocks: request 1 needs 3 of them, so 2 of request 0's cached blocks go, its last two
+    # (vLLM frees a request's blocks from the last), and request 2 still hits request 0's first two
+    requests = tiny.workload([(0.0, (0, 1, 2, 3), 64, 1), (1.0, (10, 11, 12), 48, 1), (2.0, (0, 1, 2, 3), 64, 1)])
+    third = sim(requests, hardware=tiny.hardware(cpu_blocks=None, gpu_blocks=5)).run().requests[2]
+    assert third.gpu_hit == 2 and ttft(third) == pytest.approx(0.032)
+
+
+def test_blocks_are_taken_when_the_tokens_need_them_not_at_admission(sim, tiny):
+    # 7 GPU blocks, request 0's 4 cached. Request 1 (4 blocks in all: a prompt block and 39 output
+    # tokens) takes one block per 16 tokens as it decodes; request 2 holds one block for 2 steps.
+    # Taken at admission, request 1's blocks would evict two of request 0's; taken as decoding needs
+    # them, they reuse request 2's freed block first and evict only request 0's last block
+    requests = tiny.workload([(0.0, (0, 1, 2, 3), 64, 1), (1.0, (10,), 16, 40), (1.0, (11,), 8, 2),
+                              (2.0, (0, 1, 2, 3), 64, 1)])
+    last = sim(requests, hardware=tiny.hardware(cpu_blocks=None, gpu_blocks=7)).run().requests[3]
+    assert last.gpu_hit == 3 and ttft(last) == pytest.approx(0.016)
+
+
+def test_blocks_the_output_fills_are_cached_and_stored_like_prompt_blocks(sim, tiny):
+    # 16 prompt tokens and 39 fed-back output tokens fill 3 blocks: vLLM caches all three and the
+    # connector stores them as they fill
+    result = sim(tiny.workload([(0.0, (0,), 16, 40)])).run()
+    links = {link.name: link for link in result.links}
+    assert links["e0/pcie_d2h"].bytes == 3 * tiny.BLOCK_BYTES
+    assert len(result.engines[0].gpu.blocks) == 3
+    assert result.requests[0].finish_s == pytest.approx(0.016 + 0.039)
+
+
+def test_a_prefill_long_after_the_last_is_slower_and_requests_reach_the_scheduler_late(sim, tiny):
+    # 1 ms from arrival to the scheduler; request 1's prefill starts 34 ms after request 0's ended (warm),
+    # request 2's 10 s later: over 0.1 s after the last prefill, it takes 1.5 times as long
+    requests = tiny.workload([(0.0, (0,), 16, 1), (0.05, (1,), 16, 1), (10.0, (2,), 16, 1)])
+    engine = {"cold_start_factor": 1.5, "cold_after_s": 0.1, "arrival_latency_s": 0.001}
+    first, second, third = sim(requests, engine=engine).run().requests
+    assert first.admitted_s == pytest.approx(0.001)
+    assert ttft(first) == pytest.approx(0.017) and ttft(second) == pytest.approx(0.017)
+    assert ttft(third) == pytest.approx(0.001 + 1.5 * 0.016)
