@@ -6,11 +6,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.keys import Namespace
-from flexkv_runtime.data.remote.trailer import remote_key
+from flexkv_runtime.data.remote import Status, open_store, validated_remote
+from flexkv_runtime.data.remote.trailer import TRAILER_BYTES, remote_key
 
 CPU, REMOTE = TierKind.CPU, TierKind.REMOTE
 JOB = Path(__file__).with_name("engine_job.py")
@@ -45,6 +47,27 @@ def test_blocks_an_engine_in_another_process_stored_load_byte_exact(store, rk, m
     assert rk.same_blocks(dst, [10, 11, 12, 13], src, [0, 1, 2, 3])
     assert rk.same_blocks(dst, [0, 1, 2, 3, 4, 5], src, [0, 1, 2, 3, 4, 5])
     assert rt.engine.stats().remote["gets_hit"] >= 6
+
+
+def test_a_batch_get_tells_whole_missing_and_wrong_sized_values_apart_and_stays_in_step(store, rk):
+    size = 256 << 10  # several socket reads per value
+    backend = open_store(validated_remote(store.remote())).backend
+    rows = np.random.default_rng(7).integers(0, 256, (8, size), np.uint8)
+    trailers = np.random.default_rng(8).integers(0, 256, (8, TRAILER_BYTES), np.uint8)
+    backend.register(rows)
+    backend.register(trailers)
+    try:
+        names = ["t/whole", "t/missing", "t/long", "t/whole2"]
+        assert backend.put_from(names[::3], [rows[0], rows[1]], [trailers[0], trailers[1]]) == [Status.OK] * 2
+        rk.write_value(store, "t/long", bytes(size + 2 * TRAILER_BYTES))
+        got = backend.get_into(names, list(rows[2:6]), list(trailers[2:6]))
+        assert got == [Status.OK, Status.MISSING, Status.CORRUPT, Status.OK]
+        assert (rows[2] == rows[0]).all() and (rows[5] == rows[1]).all()
+        assert (trailers[2] == trailers[0]).all() and (trailers[5] == trailers[1]).all()
+        assert backend.get_into(names[3:], [rows[7]], [trailers[7]]) == [Status.OK]  # the same connection, in step
+        assert (rows[7] == rows[1]).all()
+    finally:
+        backend.close()
 
 
 def test_corrupted_and_foreign_values_are_misses(store, rk, make_runtime):

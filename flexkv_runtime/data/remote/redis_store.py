@@ -1,9 +1,11 @@
 """Redis (or any RESP server: Valkey, KeyDB, Dragonfly) as the REMOTE tier's backend.
 
-Gets are one ``MGET`` per batch, copied from the reply into the CPU pool row
-and the trailer slot. Puts are pipelined ``SET``s written on a pooled
-connection with the pool row and the trailer as separate chunks, so the block
-is never copied into a bytes object (redis-py would join them). A server at its
+Both directions bypass redis-py's reply objects on a pooled connection, so a
+block is never copied into a bytes object. Gets are one ``MGET`` per batch
+whose reply is read off the socket straight into the CPU pool row and the
+trailer slot (redis-py would allocate each value, fault its pages in and leave
+the copy to us). Puts are pipelined ``SET``s written with the pool row and the
+trailer as separate chunks (redis-py would join them). A server at its
 ``maxmemory`` either evicts on its own (``allkeys-lru``: later gets miss) or
 refuses writes (``noeviction``: the put is ``REFUSED``). Connections time out
 after the tier's timeout and are not retried: the tier's circuit breaker
@@ -12,6 +14,7 @@ decides when to ask again, and redis-py reconnects on that call.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -33,17 +36,12 @@ class RedisBackend(RemoteBackend):
 
     def get_into(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
                  trailers: Sequence[np.ndarray]) -> list[Status]:
-        statuses = []
-        for value, payload, trailer in zip(self._client.mget(keys), payloads, trailers):
-            if value is None:
-                statuses.append(Status.MISSING)
-            elif len(value) != payload.nbytes + trailer.nbytes:
-                statuses.append(Status.CORRUPT)
-            else:
-                payload[:] = np.frombuffer(value, np.uint8, payload.nbytes)
-                trailer[:] = np.frombuffer(value, np.uint8, trailer.nbytes, payload.nbytes)
-                statuses.append(Status.OK)
-        return statuses
+        with self._connection() as connection:
+            connection.send_command("MGET", *keys)
+            reply = _Reply(connection._sock)
+            if (header := reply.line()) != b"*%d" % len(keys):
+                raise self._errors.ResponseError(f"unexpected MGET reply {header[:200]!r}")
+            return [reply.value_into(payload, trailer) for payload, trailer in zip(payloads, trailers)]
 
     def put_from(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
                  trailers: Sequence[np.ndarray]) -> list[Status]:
@@ -56,11 +54,16 @@ class RedisBackend(RemoteBackend):
             chunks.append(memoryview(payload))
             tail = trailer.tobytes() + b"\r\n"
         chunks.append(tail)
+        with self._connection() as connection:
+            connection.send_packed_command(chunks)
+            return [self._stored(connection) for _ in keys]
+
+    @contextmanager
+    def _connection(self):
         pool = self._client.connection_pool
         connection = pool.get_connection()
         try:
-            connection.send_packed_command(chunks)
-            return [self._stored(connection) for _ in keys]
+            yield connection
         except BaseException:
             connection.disconnect()  # replies may be left unread: never hand this connection out again
             raise
@@ -84,3 +87,55 @@ class RedisBackend(RemoteBackend):
 
     def close(self) -> None:
         self._client.close()
+
+
+class _Reply:
+    """One RESP reply read off a socket: lines through a small buffer, bulk values straight into arrays."""
+
+    def __init__(self, sock) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def line(self) -> bytes:
+        while (end := self._buffer.find(b"\r\n")) < 0:
+            self._fill()
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 2]
+        return line
+
+    def value_into(self, payload: np.ndarray, trailer: np.ndarray) -> Status:
+        """The next bulk value into ``payload`` then ``trailer``; a nil is ``MISSING``, another size ``CORRUPT``."""
+        header = self.line()
+        if header in (b"$-1", b"_"):  # nil in RESP2, RESP3
+            return Status.MISSING
+        if header[:1] != b"$":
+            raise ConnectionError(f"unexpected MGET value header {header[:40]!r}")
+        size = int(header[1:])
+        if size != payload.nbytes + trailer.nbytes:
+            self._read_into(memoryview(bytearray(size + 2)))
+            return Status.CORRUPT
+        self._read_into(memoryview(payload))
+        self._read_into(memoryview(trailer))
+        if self.line():
+            raise ConnectionError("MGET value longer than its header says")
+        return Status.OK
+
+    def _read_into(self, view: memoryview) -> None:
+        done = min(len(self._buffer), len(view))
+        view[:done] = self._buffer[:done]
+        del self._buffer[:done]
+        while done < len(view):
+            got = self._sock.recv_into(view[done:])
+            if not got:
+                raise ConnectionError("Redis closed the connection mid-reply")
+            done += got
+
+    def _fill(self) -> None:
+        chunk = self._sock.recv(_CHUNK)
+        if not chunk:
+            raise ConnectionError("Redis closed the connection mid-reply")
+        self._buffer += chunk
+
+
+#: bytes asked of the socket when reading reply headers (a value's first bytes come along)
+_CHUNK = 64 << 10

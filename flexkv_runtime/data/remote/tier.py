@@ -138,9 +138,8 @@ class RemoteTier:
         if slots is None:
             return None
         index, trailers = slots
+        self.codec.seal(trailers, keys, rows)
         trailers = list(trailers[: len(keys)])
-        for trailer, key, row in zip(trailers, keys, rows):
-            self.codec.pack_into(trailer, key, row)
         return index, trailers, self.store.start_put_from(self._names(keys), rows, trailers)
 
     def _finish_write(self, keys: Sequence[int], rows: Sequence[np.ndarray],
@@ -172,14 +171,17 @@ class RemoteTier:
             return [False] * len(keys), None
         index, trailers, call = started
         answer = self.store.answer(call)
-        hits = []
-        counts = dict.fromkeys(_READ_COUNTERS.values(), 0)
-        for status, trailer, key, row in zip(answer.statuses, trailers, keys, rows):
-            if status is Status.OK and not self.codec.matches(trailer, key, row):
-                status = Status.CORRUPT
-            hits.append(status is Status.OK)
-            counts[_READ_COUNTERS[status]] += 1
+        statuses = answer.statuses
+        got = [i for i, status in enumerate(statuses) if status is Status.OK]
+        matching = self.codec.matching([trailers[i] for i in got], [keys[i] for i in got], [rows[i] for i in got])
+        for i, match in zip(got, matching):
+            if not match:
+                statuses[i] = Status.CORRUPT
         self._trailers.give_back(index, answer)
+        counts = dict.fromkeys(_READ_COUNTERS.values(), 0)
+        for status in statuses:
+            counts[_READ_COUNTERS[status]] += 1
+        hits = [status is Status.OK for status in statuses]
         self._count(**counts, bytes_got=counts["gets_hit"] * self.block_bytes)
         return hits, answer.straggler
 
@@ -201,6 +203,7 @@ class RemoteTier:
 
     def close(self) -> None:
         self.store.close()
+        self.codec.close()
 
 
 _READ_COUNTERS = {Status.OK: "gets_hit", Status.MISSING: "gets_missing", Status.CORRUPT: "gets_corrupt",
