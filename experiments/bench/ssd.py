@@ -1,10 +1,18 @@
 """SSD store throughput (checksummed block writes and verified reads) against `dd` on the same directory.
 
-`python -m experiments bench ssd [--dir D --gib 1 --block-mib 2 --threads 4]`.
-Writes then reads back `--gib` of `--block-mib` blocks through the SsdStore, then
-has `dd` write and read a file of the same size with the same I/O size
-(`oflag=direct`/`iflag=direct`, or buffered where the filesystem refuses O_DIRECT).
-The page cache is dropped between phases when permitted. With `--fsync batch`
+`python -m experiments bench ssd [--dir D --gib 1 --block-mib 2 --threads 4 --rounds 5]`.
+Writes then reads back `--gib` of `--block-mib` blocks through the SsdStore (every
+block read passes its checksum), and has `dd` write and read a file of the same
+size with the same I/O size (`oflag=direct`/`iflag=direct`, or buffered where the
+filesystem refuses O_DIRECT). A virtual disk's speed swings by tens of percent
+from one second to the next, so one pass of each says little: each of `--rounds`
+rounds writes with both, then reads with both, alternating which goes first, and
+the rates reported are the medians over rounds (every pass is listed in `runs`).
+dd reads into one reused buffer, the store into distinct CPU-pool rows; on a virtio
+disk a read into physically scattered pages is slower (more descriptors per request),
+so one dd process may read at half the store's rate and another at 1.3x, by the luck
+of the pages its buffer gets (seen on a Firecracker guest): hence the medians.
+The page cache is dropped before every pass when permitted. With `--fsync batch`
 the store syncs each batch and dd ends with `conv=fdatasync`. GB/s are 1e9
 bytes of block payload per second. The last line printed is one JSON object.
 """
@@ -13,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -39,12 +48,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=16, help="blocks per store call (one transfer op)")
     parser.add_argument("--files-per-dir", type=int, default=1)
     parser.add_argument("--fsync", choices=["batch", "none"], default="batch")
+    parser.add_argument("--rounds", type=int, default=5, help="passes of each kind; rates are their medians")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.block_bytes = int(args.block_mib * MIB)
     args.blocks = int(args.gib * 1024 * MIB) // args.block_bytes
-    if args.block_bytes <= 0 or args.blocks <= 0 or args.threads <= 0 or args.batch <= 0:
-        parser.error("--gib, --block-mib, --threads and --batch must be positive")
+    if min(args.block_bytes, args.blocks, args.threads, args.batch, args.rounds) <= 0:
+        parser.error("--gib, --block-mib, --threads, --batch and --rounds must be positive")
     return args
 
 
@@ -79,8 +89,9 @@ def _dd(args, path: Path, write: bool, direct: bool) -> tuple[float, bool]:
     """Time one dd pass; retries without O_DIRECT if the filesystem refuses it. Returns (seconds, direct)."""
     flag = ("oflag=direct" if write else "iflag=direct") if direct else None
     ends = ["if=/dev/zero", f"of={path}"] if write else [f"if={path}", "of=/dev/null"]
-    sync = ["conv=fdatasync"] if write and args.fsync == "batch" else []
-    command = ["dd", *ends, f"bs={args.block_bytes}", f"count={args.blocks}", "status=none", *sync]
+    # later rounds overwrite the file in place, as the store overwrites its slots
+    conv = ["conv=notrunc,fdatasync" if args.fsync == "batch" else "conv=notrunc"] if write else []
+    command = ["dd", *ends, f"bs={args.block_bytes}", f"count={args.blocks}", "status=none", *conv]
     start = time.perf_counter()
     done = subprocess.run(command + ([flag] if flag else []), capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -97,39 +108,52 @@ def main(argv: list[str]) -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="flexkv-bench-ssd-", dir=args.dir))
     nbytes = args.blocks * args.block_bytes
+    seconds: dict[str, list[float]] = {"write": [], "dd_write": [], "read": [], "dd_read": []}
+    dd_direct = True
+
+    def dd_pass(write: bool) -> float:
+        nonlocal dd_direct
+        took, dd_direct = _dd(args, work / "dd.bin", write, dd_direct)
+        return took
+
     try:
         pool = CpuPool(args.blocks, args.block_bytes, pin=False)
         pool.tensor.random_(0, 256)  # incompressible payload
         keys = list(range(1, args.blocks + 1))
         store = SsdStore([work / "store"], Namespace(model="bench-ssd").tag, args.blocks, args.block_bytes,
                          io_threads=args.threads, files_per_dir=args.files_per_dir, fsync=args.fsync)
+        passes = {
+            "write": lambda: _store_phase(args, "write", lambda slots: store.write(
+                slots, [keys[s] for s in slots], [None] * len(slots), pool.rows(slots))),
+            "read": lambda: _store_phase(args, "read", lambda slots: store.read(
+                slots, [keys[s] for s in slots], pool.rows(slots))),
+            "dd_write": lambda: dd_pass(write=True),
+            "dd_read": lambda: dd_pass(write=False),
+        }
         try:
-            write_s = _store_phase(args, "write", lambda slots: store.write(
-                slots, [keys[s] for s in slots], [None] * len(slots), pool.rows(slots)))
-            dropped = _drop_page_cache()
-            read_s = _store_phase(args, "read", lambda slots: store.read(
-                slots, [keys[s] for s in slots], pool.rows(slots)))
+            for round_ in range(args.rounds):
+                # alternating who goes first spreads the disk's drift, and the age of the data read, evenly
+                order = ["", "dd_"] if round_ % 2 == 0 else ["dd_", ""]
+                for phase in ("write", "read"):
+                    for who in order:
+                        dropped = _drop_page_cache()
+                        seconds[who + phase].append(passes[who + phase]())
             direct = store.direct_io
         finally:
             store.close()
-        del pool
-        _drop_page_cache()
-        dd_write_s, dd_direct = _dd(args, work / "dd.bin", write=True, direct=True)
-        _drop_page_cache()
-        dd_read_s, dd_read_direct = _dd(args, work / "dd.bin", write=False, direct=dd_direct)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    rates = {name: nbytes / seconds / 1e9 for name, seconds in
-             {"write": write_s, "read": read_s, "dd_write": dd_write_s, "dd_read": dd_read_s}.items()}
+    rates = {name: statistics.median(nbytes / s / 1e9 for s in taken) for name, taken in seconds.items()}
+    runs = {name: [round(nbytes / s / 1e9, 4) for s in taken] for name, taken in seconds.items()}
     print(f"{args.blocks} blocks x {args.block_bytes / MIB:g} MiB = {nbytes / 2**30:.2f} GiB in {args.dir}; "
-          f"store O_DIRECT={direct}, dd O_DIRECT={dd_direct and dd_read_direct}, fsync={args.fsync}, "
+          f"store O_DIRECT={direct}, dd O_DIRECT={dd_direct}, fsync={args.fsync}, "
           f"{args.threads} reader + {args.threads} writer threads; page cache dropped={dropped}; "
-          "every block read back passed its checksum")
-    print(f"{'phase':<8}{'store GB/s':>12}{'dd GB/s':>10}{'store/dd':>10}")
+          f"every block read back passed its checksum; medians of {args.rounds} rounds")
+    print(f"{'phase':<8}{'store GB/s':>12}{'dd GB/s':>10}{'store/dd':>10}   passes (store | dd)")
     for phase in ("write", "read"):
         ours, theirs = rates[phase], rates["dd_" + phase]
-        print(f"{phase:<8}{ours:>12.3f}{theirs:>10.3f}{ours / theirs:>10.2f}")
+        print(f"{phase:<8}{ours:>12.3f}{theirs:>10.3f}{ours / theirs:>10.2f}   {runs[phase]} | {runs['dd_' + phase]}")
     print(json.dumps({
         "write_gbps": round(rates["write"], 4),
         "read_gbps": round(rates["read"], 4),
@@ -138,9 +162,11 @@ def main(argv: list[str]) -> int:
         "read_ratio": round(rates["read"] / rates["dd_read"], 4),
         "write_ratio": round(rates["write"] / rates["dd_write"], 4),
         "direct_io": direct,
-        "dd_direct_io": dd_direct and dd_read_direct,
+        "dd_direct_io": dd_direct,
         "page_cache_dropped": dropped,
         "fsync": args.fsync,
         "bytes": nbytes,
+        "rounds": args.rounds,
+        "runs": runs,
     }))
     return 0
