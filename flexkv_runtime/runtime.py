@@ -60,6 +60,7 @@ from flexkv_runtime.control.ops import ImmediateDataPlane
 from flexkv_runtime.data.cpu_pool import CpuPool
 from flexkv_runtime.data.remote import RemoteDiscovery, RemoteTier, open_store, validated_remote
 from flexkv_runtime.data.remote.config import REMOTE_KEYS
+from flexkv_runtime.data.remote.trailer import TRAILER_BYTES
 from flexkv_runtime.data.ssd_store import SsdStore
 from flexkv_runtime.data.transfer import TransferEngine
 
@@ -306,11 +307,12 @@ def start_data_plane(
     """The CPU pool, SSD store, remote tier and transfer engine of one process (one TP rank),
     from a validated config and the tiers' capacities in blocks. KVRuntime and the vLLM
     connector's worker side both start theirs here."""
-    pool = CpuPool(blocks["cpu"], block_bytes, pin=cfg["cpu"].get("pin_memory", "auto"))
+    remote = cfg.get("remote")
+    pool = CpuPool(blocks["cpu"], block_bytes, tail_bytes=TRAILER_BYTES if remote else 0,
+                   pin=cfg["cpu"].get("pin_memory", "auto"))
     store = None
     if blocks.get("ssd"):
         store = SsdStore(list(ssd_dirs), namespace.tag, blocks["ssd"], block_bytes, **ssd_store_options(cfg["ssd"]))
-    remote = cfg.get("remote")
     tier = None
     if remote:
         tier = RemoteTier(open_store(remote), namespace, block_bytes, batch_bytes=remote["batch_bytes"])

@@ -34,7 +34,7 @@ import numpy as np
 from flexkv_runtime.control.keys import Namespace
 from flexkv_runtime.data.cpu_pool import CpuPool
 from flexkv_runtime.data.remote import RemoteTier, open_store, validated_remote
-from flexkv_runtime.data.remote.trailer import remote_key
+from flexkv_runtime.data.remote.trailer import TRAILER_BYTES, remote_key
 from experiments.local_stores import LocalStore, start_store
 
 MIB = 1 << 20
@@ -62,13 +62,14 @@ class Ours:
     """The REMOTE tier's own calls, as ``TransferEngine``'s CPU<->REMOTE workers make them for an op."""
 
     def __init__(self, store: LocalStore, block_bytes: int, batch: int, batch_bytes: int | None) -> None:
-        self.pool = CpuPool(2 * batch, block_bytes, pin=False)
+        self.pool = CpuPool(2 * batch, block_bytes, tail_bytes=TRAILER_BYTES, pin=False)
         self.pool.tensor.random_(0, 256)
         remote = validated_remote(store.remote(timeout_s=30.0, **({} if batch_bytes is None else
                                                                    {"batch_bytes": batch_bytes})))
         self.tier = RemoteTier(open_store(remote), NAMESPACE, block_bytes, batch_bytes=remote["batch_bytes"])
-        self.tier.attach(self.pool.array)
-        self.sources, self.targets = self.pool.rows(list(range(batch))), self.pool.rows(list(range(batch, 2 * batch)))
+        self.tier.attach(self.pool.memory)
+        self.sources = self.pool.rows_with_tails(list(range(batch)))
+        self.targets = self.pool.rows_with_tails(list(range(batch, 2 * batch)))
 
     def store(self, keys: list[int]) -> None:
         if not all(self.tier.write(keys, self.sources)):

@@ -34,6 +34,7 @@ from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.ops import TransferOp
 from flexkv_runtime.data.cpu_pool import CpuPool
 from flexkv_runtime.data.remote.tier import RemoteTier
+from flexkv_runtime.data.remote.trailer import TRAILER_BYTES
 from flexkv_runtime.data.ssd_store import SsdStore
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ class TransferEngine:
             raise ValueError(f"SSD blocks of {ssd.block_bytes} bytes but CPU pool slots of {pool.block_bytes}")
         if remote is not None and remote.block_bytes != pool.block_bytes:
             raise ValueError(f"remote blocks of {remote.block_bytes} bytes but CPU pool slots of {pool.block_bytes}")
+        if remote is not None and pool.tail_bytes != TRAILER_BYTES:
+            raise ValueError(f"a remote tier needs CPU pool rows with a {TRAILER_BYTES}-byte tail for its trailers, "
+                             f"got {pool.tail_bytes}")
         self.pool = pool
         self.ssd = ssd
         self.remote = remote
@@ -111,7 +115,7 @@ class TransferEngine:
         if ssd is not None:
             self._handlers |= {CPU_TO_SSD: self._write_ssd, SSD_TO_CPU: self._read_ssd}
         if remote is not None:
-            remote.attach(pool.array)
+            remote.attach(pool.memory)
             self._handlers |= {CPU_TO_REMOTE: self._write_remote, REMOTE_TO_CPU: self._read_remote}
         self._cv = threading.Condition()
         self._queues: dict[str, deque[_Job]] = {link: deque() for link in self._handlers}
@@ -336,12 +340,12 @@ class TransferEngine:
 
     def _write_remote(self, job: _Job) -> set[Hashable]:
         op = job.op
-        stored = self.remote.write(op.keys, self.pool.rows(op.src_slots))
+        stored = self.remote.write(op.keys, self.pool.rows_with_tails(op.src_slots))
         return {key for key, good in zip(op.keys, stored) if not good}
 
     def _read_remote(self, job: _Job) -> set[Hashable]:
         op = job.op
-        hits, stragglers = self.remote.read(op.keys, self.pool.rows(op.dst_slots))
+        hits, stragglers = self.remote.read(op.keys, self.pool.rows_with_tails(op.dst_slots))
         for straggler in stragglers:
             self._fence(list(op.dst_slots), straggler)
         return {key for key, good in zip(op.keys, hits) if not good}

@@ -95,27 +95,28 @@ class MemoryBackend(RemoteBackend):
         if self.down:
             raise ConnectionError("store down")
 
-    def get_into(self, keys, payloads, trailers):
+    def get_into(self, keys, values):
         self._enter()
         out = []
-        for key, payload, trailer in zip(keys, payloads, trailers):
-            value = self.values.get(key)
-            if value is None:
+        for key, value in zip(keys, values):
+            stored = self.values.get(key)
+            if stored is None:
                 out.append(Status.MISSING)
-                continue
-            payload[:] = np.frombuffer(value, np.uint8, payload.nbytes)
-            trailer[:] = np.frombuffer(value, np.uint8, trailer.nbytes, payload.nbytes)
-            out.append(Status.OK)
+            elif len(stored) != value.nbytes:
+                out.append(Status.CORRUPT)
+            else:
+                value[:] = np.frombuffer(stored, np.uint8)
+                out.append(Status.OK)
         return out
 
-    def put_from(self, keys, payloads, trailers):
+    def put_from(self, keys, values):
         self._enter()
         out = []
-        for key, payload, trailer in zip(keys, payloads, trailers):
+        for key, value in zip(keys, values):
             if len(self.values) >= self.capacity:
                 out.append(Status.REFUSED)
                 continue
-            self.values[key] = payload.tobytes() + trailer.tobytes()
+            self.values[key] = value.tobytes()
             out.append(Status.OK)
         return out
 

@@ -3,7 +3,9 @@ values, a store that dies, hangs or fills up. Servers run on free ports and are 
 import json
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,22 +54,35 @@ def test_blocks_an_engine_in_another_process_stored_load_byte_exact(store, rk, m
 def test_a_batch_get_tells_whole_missing_and_wrong_sized_values_apart_and_stays_in_step(store, rk):
     size = 256 << 10  # several socket reads per value
     backend = open_store(validated_remote(store.remote())).backend
-    rows = np.random.default_rng(7).integers(0, 256, (8, size), np.uint8)
-    trailers = np.random.default_rng(8).integers(0, 256, (8, TRAILER_BYTES), np.uint8)
-    backend.register(rows)
-    backend.register(trailers)
+    values = np.random.default_rng(7).integers(0, 256, (8, size + TRAILER_BYTES), np.uint8)
+    backend.register(values)
     try:
         names = ["t/whole", "t/missing", "t/long", "t/whole2"]
-        assert backend.put_from(names[::3], [rows[0], rows[1]], [trailers[0], trailers[1]]) == [Status.OK] * 2
+        assert backend.put_from(names[::3], [values[0], values[1]]) == [Status.OK] * 2
         rk.write_value(store, "t/long", bytes(size + 2 * TRAILER_BYTES))
-        got = backend.get_into(names, list(rows[2:6]), list(trailers[2:6]))
+        got = backend.get_into(names, list(values[2:6]))
         assert got == [Status.OK, Status.MISSING, Status.CORRUPT, Status.OK]
-        assert (rows[2] == rows[0]).all() and (rows[5] == rows[1]).all()
-        assert (trailers[2] == trailers[0]).all() and (trailers[5] == trailers[1]).all()
-        assert backend.get_into(names[3:], [rows[7]], [trailers[7]]) == [Status.OK]  # the same connection, in step
-        assert (rows[7] == rows[1]).all()
+        assert (values[2] == values[0]).all() and (values[5] == values[1]).all()
+        assert backend.get_into(names[3:], [values[7]]) == [Status.OK]  # the same connection, in step
+        assert (values[7] == values[1]).all()
     finally:
         backend.close()
+
+
+def test_calls_made_while_the_first_connects_wait_for_it_instead_of_failing(store):
+    backend = open_store(validated_remote(store.remote())).backend
+    start = threading.Barrier(4)
+
+    def ask(_):
+        start.wait()
+        return backend.exists([f"t/nothing-{i}" for i in range(3)])
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(ask, range(4)))
+    finally:
+        backend.close()
+    assert answers == [[Status.MISSING] * 3] * 4
 
 
 def test_corrupted_and_foreign_values_are_misses(store, rk, make_runtime):

@@ -1,10 +1,9 @@
 """What the REMOTE tier needs from a shared key-value store: three batch calls.
 
-Every value is two parts stored back to back under one key: the block's bytes
-and a small trailer (see ``trailer.py``). ``get_into`` lands them in
-preallocated buffers (the block straight in its CPU pool row, the trailer in a
-small registered slot), ``put_from`` sends them from the same places, ``exists``
-asks about keys without moving data. Each returns one ``Status`` per key, so a
+Every value is a block's bytes followed by a small trailer (see ``trailer.py``),
+one contiguous buffer: a CPU pool row and its tail. ``get_into`` lands values in
+such buffers, ``put_from`` sends them from there, ``exists`` asks about keys
+without moving data. Each returns one ``Status`` per key, so a
 caller can tell a block the store does not have (``MISSING``: evicted, never
 stored) from one it could not ask about (``FAILED``). A backend may raise
 instead of answering: the caller (``guard.GuardedBackend``) then treats every
@@ -37,14 +36,12 @@ class RemoteBackend(ABC):
         """Memory that later calls land in or send from (zero-copy stores map it once); default: nothing to do."""
 
     @abstractmethod
-    def get_into(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                 trailers: Sequence[np.ndarray]) -> list[Status]:
-        """Read each key's value into its payload and trailer buffers (``OK`` only when it filled both exactly)."""
+    def get_into(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> list[Status]:
+        """Read each key's value into its buffer (``OK`` only when the value fills it exactly)."""
 
     @abstractmethod
-    def put_from(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                 trailers: Sequence[np.ndarray]) -> list[Status]:
-        """Store payload + trailer under each key, best effort (``REFUSED`` when the store is full)."""
+    def put_from(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> list[Status]:
+        """Store each buffer under its key, best effort (``REFUSED`` when the store is full)."""
 
     @abstractmethod
     def exists(self, keys: Sequence[str]) -> list[Status]:

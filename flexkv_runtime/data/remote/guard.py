@@ -146,13 +146,11 @@ class GuardedBackend:
     def register(self, buffer: np.ndarray) -> None:
         self.backend.register(buffer)
 
-    def start_get_into(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                       trailers: Sequence[np.ndarray]) -> Call:
-        return self._start(self.backend.get_into, keys, payloads, trailers)
+    def start_get_into(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> Call:
+        return self._start(self.backend.get_into, keys, values)
 
-    def start_put_from(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                       trailers: Sequence[np.ndarray]) -> Call:
-        return self._start(self.backend.put_from, keys, payloads, trailers)
+    def start_put_from(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> Call:
+        return self._start(self.backend.put_from, keys, values)
 
     def exists(self, keys: Sequence[str]) -> Answer:
         return self.answer(self._start(self.backend.exists, keys))

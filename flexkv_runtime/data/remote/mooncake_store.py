@@ -6,10 +6,9 @@ registered with a ``mooncake_master``), so they outlive any engine and every
 engine that reaches the master shares them. Peers find each other with
 ``P2PHANDSHAKE`` metadata, so no HTTP metadata server is needed.
 
-The CPU pool and the trailer slots are registered once (``register_buffer``);
-a get lands a value's block straight in its pool row and its trailer in a slot
-(``batch_get_into_multi_buffers``), a put sends both from there
-(``batch_put_from_multi_buffers``): no copy on either side. The client
+The CPU pool is registered once (``register_buffer``); a get lands a value
+straight in its pool row and the row's tail (``batch_get_into``), a put sends
+it from there (``batch_put_from``): one buffer per key, no copy on either side. The client
 reconnects to a master that restarts; the first call connects, so an engine
 starts even while the store is down, and a failed connect is tried again on the
 circuit breaker's next probe.
@@ -53,12 +52,16 @@ class MooncakeBackend(RemoteBackend):
         self._regions: list[tuple[int, int]] = []
 
     def _client(self):
-        """The connected client; the first call connects (one attempt: the caller's circuit breaker retries)."""
+        """The connected client; the first call connects (one attempt: the caller's circuit breaker retries),
+        calls meanwhile wait for that attempt (their guard gives up on them at its timeout)."""
         store = self._store
         if store is not None:
             return store
         if not self._connecting.acquire(blocking=False):
-            raise ConnectionError(f"still connecting to the Mooncake master {self.master}")
+            with self._connecting:
+                if self._store is None:
+                    raise ConnectionError(f"could not connect to the Mooncake master {self.master}")
+                return self._store
         try:
             from mooncake.store import MooncakeDistributedStore
 
@@ -93,16 +96,14 @@ class MooncakeBackend(RemoteBackend):
             if self._store is not None:
                 self._register_with(self._store, *region)
 
-    def get_into(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                 trailers: Sequence[np.ndarray]) -> list[Status]:
-        ptrs, sizes = _parts(payloads, trailers)
-        codes = self._client().batch_get_into_multi_buffers(list(keys), ptrs, sizes)
-        return [_read_status(code, sum(size)) for code, size in zip(codes, sizes)]
+    def get_into(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> list[Status]:
+        sizes = [value.nbytes for value in values]
+        codes = self._client().batch_get_into(list(keys), [value.ctypes.data for value in values], sizes)
+        return [_read_status(code, size) for code, size in zip(codes, sizes)]
 
-    def put_from(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                 trailers: Sequence[np.ndarray]) -> list[Status]:
-        ptrs, sizes = _parts(payloads, trailers)
-        codes = self._client().batch_put_from_multi_buffers(list(keys), ptrs, sizes)
+    def put_from(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> list[Status]:
+        codes = self._client().batch_put_from(list(keys), [value.ctypes.data for value in values],
+                                              [value.nbytes for value in values])
         return [Status.OK if code in (0, _ALREADY_STORED) else Status.REFUSED if code == _NO_SPACE
                 else Status.FAILED for code in codes]
 
@@ -115,12 +116,6 @@ class MooncakeBackend(RemoteBackend):
             store, self._store = self._store, None
         if store is not None:
             store.close()
-
-
-def _parts(payloads: Sequence[np.ndarray], trailers: Sequence[np.ndarray]) -> tuple[list[list[int]], list[list[int]]]:
-    ptrs = [[p.ctypes.data, t.ctypes.data] for p, t in zip(payloads, trailers)]
-    sizes = [[p.nbytes, t.nbytes] for p, t in zip(payloads, trailers)]
-    return ptrs, sizes
 
 
 def _read_status(code: int, expected: int) -> Status:

@@ -2,10 +2,10 @@
 
 Both directions bypass redis-py's reply objects on a pooled connection, so a
 block is never copied into a bytes object. Gets are one ``MGET`` per batch
-whose reply is read off the socket straight into the CPU pool row and the
-trailer slot (redis-py would allocate each value, fault its pages in and leave
-the copy to us). Puts are pipelined ``SET``s written with the pool row and the
-trailer as separate chunks (redis-py would join them). A server at its
+whose reply is read off the socket straight into the CPU pool row and its tail
+(redis-py would allocate each value, fault its pages in and leave the copy to
+us). Puts are pipelined ``SET``s written from the pool rows (redis-py would
+copy each into the command). A server at its
 ``maxmemory`` either evicts on its own (``allkeys-lru``: later gets miss) or
 refuses writes (``noeviction``: the put is ``REFUSED``). Connections time out
 after the tier's timeout and are not retried: the tier's circuit breaker
@@ -34,26 +34,23 @@ class RedisBackend(RemoteBackend):
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                             retry=Retry(NoBackoff(), 0))
 
-    def get_into(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                 trailers: Sequence[np.ndarray]) -> list[Status]:
+    def get_into(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> list[Status]:
         with self._connection() as connection:
             connection.send_command("MGET", *keys)
             reply = _Reply(connection._sock)
             if (header := reply.line()) != b"*%d" % len(keys):
                 raise self._errors.ResponseError(f"unexpected MGET reply {header[:200]!r}")
-            return [reply.value_into(payload, trailer) for payload, trailer in zip(payloads, trailers)]
+            return [reply.value_into(value) for value in values]
 
-    def put_from(self, keys: Sequence[str], payloads: Sequence[np.ndarray],
-                 trailers: Sequence[np.ndarray]) -> list[Status]:
+    def put_from(self, keys: Sequence[str], values: Sequence[np.ndarray]) -> list[Status]:
         chunks: list[bytes | memoryview] = []
-        tail = b""  # each command's trailer and CRLF go out with the next command's prefix
-        for key, payload, trailer in zip(keys, payloads, trailers):
+        crlf = b""  # each command's closing CRLF goes out with the next command's prefix
+        for key, value in zip(keys, values):
             name = key.encode()
-            size = payload.nbytes + trailer.nbytes
-            chunks.append(tail + b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(name), name, size))
-            chunks.append(memoryview(payload))
-            tail = trailer.tobytes() + b"\r\n"
-        chunks.append(tail)
+            chunks.append(crlf + b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(name), name, value.nbytes))
+            chunks.append(memoryview(value))
+            crlf = b"\r\n"
+        chunks.append(crlf)
         with self._connection() as connection:
             connection.send_packed_command(chunks)
             return [self._stored(connection) for _ in keys]
@@ -103,19 +100,18 @@ class _Reply:
         del self._buffer[: end + 2]
         return line
 
-    def value_into(self, payload: np.ndarray, trailer: np.ndarray) -> Status:
-        """The next bulk value into ``payload`` then ``trailer``; a nil is ``MISSING``, another size ``CORRUPT``."""
+    def value_into(self, value: np.ndarray) -> Status:
+        """The next bulk value into ``value``; a nil is ``MISSING``, another size ``CORRUPT``."""
         header = self.line()
         if header in (b"$-1", b"_"):  # nil in RESP2, RESP3
             return Status.MISSING
         if header[:1] != b"$":
             raise ConnectionError(f"unexpected MGET value header {header[:40]!r}")
         size = int(header[1:])
-        if size != payload.nbytes + trailer.nbytes:
+        if size != value.nbytes:
             self._read_into(memoryview(bytearray(size + 2)))
             return Status.CORRUPT
-        self._read_into(memoryview(payload))
-        self._read_into(memoryview(trailer))
+        self._read_into(memoryview(value))
         if self.line():
             raise ConnectionError("MGET value longer than its header says")
         return Status.OK

@@ -10,7 +10,8 @@ each other's values.
 
 It trails the block rather than heading it: a value whose big part starts at
 offset 0 keeps Mooncake's transfers aligned (a 64-byte header in front cost a
-sixth of its put throughput over TCP).
+sixth of its put throughput over TCP). It is written into and read from the
+tail of the block's CPU pool row, so a value is one buffer in the pool.
 """
 from __future__ import annotations
 
@@ -41,17 +42,17 @@ class TrailerCodec:
         self.block_bytes = block_bytes
         self._hasher = ThreadPoolExecutor(1, thread_name_prefix="flexkv-remote-checksum")
 
-    def seal(self, trailers: np.ndarray, keys: Sequence[int], payloads: Sequence[np.ndarray]) -> None:
-        """Fill the first ``len(keys)`` rows of ``trailers`` (rows of ``TRAILER_BYTES``) for these blocks."""
-        packed = np.frombuffer(self._packed(keys, payloads), np.uint8)
-        trailers[: len(keys)] = packed.reshape(len(keys), TRAILER_BYTES)
+    def seal(self, values: Sequence[np.ndarray], keys: Sequence[int]) -> None:
+        """Write the trailer of each value (a block followed by ``TRAILER_BYTES`` of room) for its key."""
+        packed = self._packed(keys, [value[: self.block_bytes] for value in values])
+        for at, value in zip(range(0, len(packed), TRAILER_BYTES), values):
+            value[self.block_bytes :] = np.frombuffer(packed, np.uint8, TRAILER_BYTES, at)
 
-    def matching(self, trailers: Sequence[np.ndarray], keys: Sequence[int],
-                 payloads: Sequence[np.ndarray]) -> list[bool]:
-        """Per block: every byte of its trailer is what this block, of this namespace, would have written."""
-        got, expected = b"".join(trailer.tobytes() for trailer in trailers), self._packed(keys, payloads)
-        return [got[at : at + TRAILER_BYTES] == expected[at : at + TRAILER_BYTES]
-                for at in range(0, len(expected), TRAILER_BYTES)]
+    def matching(self, values: Sequence[np.ndarray], keys: Sequence[int]) -> list[bool]:
+        """Per value: every byte of its trailer is what its block, under this key and namespace, would have written."""
+        expected = self._packed(keys, [value[: self.block_bytes] for value in values])
+        return [value[self.block_bytes :].tobytes() == expected[at : at + TRAILER_BYTES]
+                for at, value in zip(range(0, len(expected), TRAILER_BYTES), values)]
 
     def _packed(self, keys: Sequence[int], payloads: Sequence[np.ndarray]) -> bytes:
         pad = bytes(TRAILER_BYTES - _LAYOUT.size)
