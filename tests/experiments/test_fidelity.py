@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.common import CONF_DIR, load_workload
-from experiments.fidelity import (DECISION_COLUMNS, cold_start_factor, compare, load_latency, plot_ttft, prompts_of,
-                                  served_from, step_profile)
+from experiments.fidelity import (DECISION_COLUMNS, cold_start_factor, compare, load_latency, median_run, plot_ttft,
+                                  prompts_of, rerun_error, served_from, step_profile)
 from flexkv_sim.model import StepTime, profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,6 +38,22 @@ def test_compare_reports_relative_ttft_error_and_per_tier_agreement():
     assert summary["cpu_hit_blocks_real"] == 8 and summary["ssd_hit_blocks_sim"] == 0
     assert served_from(frame).tolist() == ["miss", "GPU hit", "CPU hit", "SSD hit"]
     assert compare(real, real)[1]["decisions_agree"]
+
+
+def test_real_runs_count_as_their_per_request_median_and_each_against_the_others_is_the_floor():
+    blocks = ([0, 4, 0], [0, 0, 6], [0, 0, 0])
+    runs = [side([0.10, 0.20, 0.40], *blocks), side([0.12, 0.20, 0.80], *blocks), side([0.11, 0.30, 0.40], *blocks)]
+    reference = median_run([runs[2], runs[0], runs[1].iloc[::-1]])  # by request id, not by position
+    assert reference.set_index("request_id").ttft_s.round(6).to_dict() == {"0": 0.11, "1": 0.2, "2": 0.4}
+    assert reference.cpu_hit_blocks.tolist() == [0, 0, 6]
+    floor = rerun_error(runs)
+    # run 1 against the median of runs 2 and 3: 0.1/0.115, 0.2/0.25, 0.4/0.6; and so on for the others
+    errors = [0.015 / 0.115, 0.05 / 0.25, 0.2 / 0.6, 0.015 / 0.105, 0.05 / 0.25, 0.4 / 0.4,
+              0.005 / 0.11, 0.1 / 0.2, 0.2 / 0.6]
+    assert floor["real_rerun_ttft_err_median"] == pytest.approx(np.median(errors), abs=1e-4)
+    assert floor["real_rerun_ttft_err_p90"] == pytest.approx(np.percentile(errors, 90), abs=1e-4)
+    assert floor["real_rerun_decisions_agree"]
+    assert not rerun_error([runs[0], side([0.1, 0.2, 0.4], [0, 4, 0], [0, 0, 3], [0, 0, 3])])["real_rerun_decisions_agree"]
 
 
 def test_compare_refuses_runs_of_different_requests_or_columns():
