@@ -54,11 +54,13 @@ class SimDataPlane:
 
     def _start(self, op: TransferOp) -> None:
         """Reserve the op's link; one timeout brings its end (the link resolves its queue in closed form)."""
-        if op.op_id not in self._not_started:
+        not_started = self._not_started
+        if op.op_id not in not_started:
             return  # cancelled before it started
-        self._not_started.discard(op.op_id)
+        not_started.remove(op.op_id)
         env = self.env
-        env.timeout(self.route(op, env.now) - env.now).callbacks.append(lambda _event: self._arrived(op))
+        now = env.now
+        env.timeout(self.route(op, now) - now).callbacks.append(lambda _event: self._arrived(op))
 
     def _arrived(self, op: TransferOp) -> None:
         self.engine_of(op).report(lambda: self._complete(op.op_id))

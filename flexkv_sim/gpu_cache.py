@@ -73,9 +73,12 @@ class GpuPrefixCache:
         self.reserved -= new_blocks
         shortfall = new_blocks - self.free
         if shortfall > 0:
-            blocks, victim, can_evict = self.blocks, self.policy.victim, self._can_evict
-            for _ in range(shortfall):
-                del blocks[victim(can_evict)]
+            victims = self.policy.victims(shortfall, self._can_evict)
+            if len(victims) < shortfall:
+                raise RuntimeError(f"GPU cache: {shortfall} blocks promised, only {len(victims)} evictable")
+            blocks = self.blocks
+            for key in victims:
+                del blocks[key]
             self.unpinned -= shortfall
             self.free += shortfall
             self.evictions += shortfall
@@ -108,14 +111,16 @@ class GpuPrefixCache:
         ``Block.hits`` counts the times a block was freed: the policy is told of it the first time.
         """
         self.reserved -= untaken
-        policy = self.policy
+        on_hit, on_insert = self.policy.on_hit, self.policy.on_insert
+        unpinned = 0
         for block in reversed(blocks):
             block.pins -= 1
             if block.pins == 0:
-                self.unpinned += 1
+                unpinned += 1
                 if block.hits:
-                    policy.on_hit(block.key, block)
+                    on_hit(block.key, block)
                 else:
-                    policy.on_insert(block.key, block)
+                    on_insert(block.key, block)
                 block.hits += 1
+        self.unpinned += unpinned
         self.free += anonymous

@@ -185,4 +185,10 @@ class Striped:
         counts = [0] * n
         for slot in slots:
             counts[slot % n] += 1
-        return max(dev.reserve(c * block_bytes, now) for dev, c in zip(self.devices, counts) if c)
+        latest = None
+        for device, count in zip(self.devices, counts):
+            if count:
+                end = device.reserve(count * block_bytes, now)
+                if latest is None or end > latest:
+                    latest = end
+        return latest

@@ -131,9 +131,15 @@ class DecodeRun:
                     end = cross if end is None else min(end, cross)
             self.segments.append((k, a, b, end))
             k = end
+        #: steps -> elapsed(steps): the engine asks for the same boundaries many times over (every
+        #: transfer ending inside the run, ``steps_by``'s checks)
+        self._elapsed: dict[int, float] = {}
 
     def elapsed(self, steps: int) -> float:
         """Seconds taken by the first ``steps`` steps."""
+        total = self._elapsed.get(steps)
+        if total is not None:
+            return total
         total = steps * self.overhead_s
         for k, a, b, end in self.segments:
             if k >= steps:
@@ -142,6 +148,7 @@ class DecodeRun:
                 end = steps
             n = end - k
             total += n * a + b * (k + end - 1) * n / 2
+        self._elapsed[steps] = total
         return total
 
     def steps_by(self, seconds: float, limit: int) -> int:

@@ -20,6 +20,7 @@ from flexkv_runtime.control.manager import CacheManager
 from flexkv_runtime.control.ops import ImmediateDataPlane
 from flexkv_runtime.control.oracle import FutureOracle
 from flexkv_runtime.policies.base import policy_class
+from flexkv_sim.gc_pause import gc_paused
 from flexkv_sim.workloads.request import Workload
 
 
@@ -108,26 +109,28 @@ def replay(
         iterator = tqdm(iterator, desc=f"replay {_policy_name(eviction)}", unit="req", mininterval=0.5)
     tpb = workload.tokens_per_block
     prompt_tokens = hit_tokens = 0
-    started = time.perf_counter()
-    for i in iterator:
-        request, request_keys = requests[i], keys[i]
-        now[0] = request.arrival_s
-        if oracle is not None:
-            oracle.begin(i)
-        manager.on_request_waiting(i, request_keys)
-        found = manager.lookup(request_keys, request_id=i)
-        manager.on_request_running(i)
-        loaded = manager.plan_load(i, request_keys, 0, range(found.ready_blocks))
-        settle()
-        step = 1 if demand_paging else len(request_keys)
-        for first in range(loaded, len(request_keys), step):
-            last = min(first + step, len(request_keys))
-            manager.plan_store(i, request_keys, range(first, last), start=first, request_tokens=request.input_length)
+    with gc_paused():
+        started = time.perf_counter()
+        for i in iterator:
+            request, request_keys = requests[i], keys[i]
+            now[0] = request.arrival_s
+            if oracle is not None:
+                oracle.begin(i)
+            manager.on_request_waiting(i, request_keys)
+            found = manager.lookup(request_keys, request_id=i)
+            manager.on_request_running(i)
+            loaded = manager.plan_load(i, request_keys, 0, range(found.ready_blocks))
             settle()
-        manager.on_request_finished(i)
-        prompt_tokens += request.input_length
-        hit_tokens += min(loaded * tpb, request.input_length)
-    wall = time.perf_counter() - started
+            step = 1 if demand_paging else len(request_keys)
+            for first in range(loaded, len(request_keys), step):
+                last = min(first + step, len(request_keys))
+                manager.plan_store(i, request_keys, range(first, last), start=first,
+                                   request_tokens=request.input_length)
+                settle()
+            manager.on_request_finished(i)
+            prompt_tokens += request.input_length
+            hit_tokens += min(loaded * tpb, request.input_length)
+        wall = time.perf_counter() - started
     return summarize(manager, workload, _policy_name(eviction), capacity_blocks, ssd_capacity_blocks,
                      prompt_tokens, hit_tokens, wall)
 

@@ -14,7 +14,6 @@ has finished.
 """
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from flexkv_runtime.control.oracle import FutureOracle
 from flexkv_runtime.policies.base import PolicyContext, policy_class
 from flexkv_sim.dataplane import SimDataPlane
 from flexkv_sim.engine import Engine, EngineConfig, SimRequest
+from flexkv_sim.gc_pause import gc_paused
 from flexkv_sim.gpu_cache import GpuPrefixCache
 from flexkv_sim.hardware import HardwareSpec, Link, Striped
 from flexkv_sim.model import ModelSpec, profile, roofline
@@ -263,17 +263,10 @@ class Simulation:
             from tqdm import tqdm
 
             self._bar = tqdm(total=len(self.workload), desc="simulate", unit="req", mininterval=0.5)
-        # The run builds up many long-lived records and almost no reference cycles: the cyclic
-        # collector's rescans of the growing heap cost a third of the time and grow superlinearly.
-        collecting = gc.isenabled()
-        gc.disable()
-        started = time.perf_counter()
-        try:
+        with gc_paused():
+            started = time.perf_counter()
             env.run()
-        finally:
             wall = time.perf_counter() - started
-            if collecting:
-                gc.enable()
         if self._bar is not None:
             self._bar.update(len(self.done) - self._bar.n)
             self._bar.close()

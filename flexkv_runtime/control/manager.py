@@ -26,7 +26,10 @@ WRITE_POLICIES = ("write_through", "write_back", "selective")
 # plain ints: these key every block's slot map on the hot path
 CPU = int(TierKind.CPU)
 GPU = int(TierKind.GPU)
+CPU_BIT = 1 << CPU
 _KINDS = tuple(TierKind)  # int -> TierKind without the Enum call's cost
+# module constants: an Enum member read through its class costs several times a global read
+LOAD, STORE, PROMOTE, DEMOTE = OpKind.LOAD, OpKind.STORE, OpKind.PROMOTE, OpKind.DEMOTE
 
 
 @dataclass(slots=True)
@@ -95,6 +98,7 @@ class CacheManager:
         self.block_bytes = block_bytes
         self.write_policy = write_policy
         self._write_back = write_policy == "write_back"
+        self._selective = write_policy == "selective"
         self.selective_hits = selective_hits
         self.protect_prefix = protect_prefix
         self.prefetch = prefetch
@@ -103,6 +107,9 @@ class CacheManager:
         self.cpu = self.tiers[CPU]
         self._all_tiers_mask = sum(1 << kind for kind in self.tiers)
         self.lower = [t for k, t in self.tiers.items() if k > CPU]
+        self._write_through = write_policy == "write_through" and bool(self.lower)
+        #: (kind, bit in ``Block.ready``) of every tier, fastest first
+        self._tier_bits = [(kind, tier.bit) for kind, tier in self.tiers.items()]
         self.stats = ManagerStats(block_hits={k.name: 0 for k in self.tiers})
         self.waiting: dict[Hashable, Sequence[Hashable]] = {}
         self.waiting_refs: dict[Hashable, int] = {}
@@ -142,7 +149,7 @@ class CacheManager:
 
         def can_evict(key: Hashable) -> bool:
             block = get(key)
-            return block is not None and block.pins == 0 and bool(block.ready & bit)
+            return block is not None and not block.pins and block.ready & bit != 0
 
         return can_evict
 
@@ -154,7 +161,7 @@ class CacheManager:
         """
         self.stats.lookups += 1
         get = self.index.get
-        per_tier = {}
+        broken = {}  # tier -> where its ready prefix broke
         contiguous = self._all_tiers_mask  # tiers whose ready prefix is still unbroken
         ready = pending = 0
         for key in keys:
@@ -166,16 +173,16 @@ class CacheManager:
                 ready += 1
             pending += 1
             if contiguous & mask != contiguous:
-                for kind in self.tiers:
-                    if contiguous >> kind & 1 and not mask >> kind & 1:
-                        per_tier[kind] = pending - 1
+                for kind, bit in self._tier_bits:
+                    if contiguous & bit and not mask & bit:
+                        broken[kind] = pending - 1
                 contiguous &= mask
-        for kind in self.tiers:
-            if contiguous >> kind & 1:
-                per_tier[kind] = pending
+        per_tier = {}
+        for kind, bit in self._tier_bits:
+            per_tier[kind] = pending if contiguous & bit else broken[kind]
         if self.prefetch is not None and request_id is not None:
             self._promote(self.prefetch.on_lookup(request_id, keys))
-        return Lookup(len(keys), ready, pending, dict(sorted(per_tier.items())))
+        return Lookup(len(keys), ready, pending, per_tier)
 
     def should_wait(self, lookup: Lookup, waited_s: float) -> bool:
         """Whether a request should keep waiting for its in-flight blocks (prefetch stop rule)."""
@@ -232,27 +239,28 @@ class CacheManager:
         reports the end.
         """
         now = self.clock()
-        cpu, get = self.cpu, self.index.get
+        cpu, get, ready_source, running = self.cpu, self.index.get, self._ready_source, self._ops
+        on_hit = cpu.eviction.on_hit
+        block_hits = self.stats.block_hits
         loaded: list[Block] = []
         promotions: dict[TierKind, list[tuple[Block, int, int]]] = {}
         waits: list[int] = []
+        cpu_hits = 0
         for key in keys[start : start + len(gpu_block_ids)]:
             block = get(key)
             if block is None:
                 break
             block.last_access = now
-            if block.ready & (1 << CPU):
-                cpu.stats.hits += 1
-                cpu.eviction.on_hit(key, block)
-                self.stats.block_hits["CPU"] += 1
+            if block.ready & CPU_BIT:
+                cpu_hits += 1
+                on_hit(key, block)
             elif CPU in block.slots:  # on its way into the CPU tier (a prefetch): wait for it
-                if block.arriving not in self._ops:
+                if block.arriving not in running:
                     break
                 waits.append(block.arriving)
-                cpu.stats.hits += 1
-                self.stats.block_hits["CPU"] += 1
+                cpu_hits += 1
             else:
-                source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
+                source = ready_source(block)
                 if source is None:
                     break
                 slot = self._make_room(cpu, block, waits)
@@ -263,19 +271,21 @@ class CacheManager:
                 cpu.stats.inserts += 1
                 source.stats.hits += 1
                 source.eviction.on_hit(key, block)
-                self.stats.block_hits[source.kind.name] += 1
-                promotions.setdefault(source.kind, []).append((block, block.slots[source.kind], slot))
-            self.stats.block_accesses += 1
+                block_hits[source.name] += 1
+                promotions.setdefault(source.kind, []).append((block, block.slots[source.slot_key], slot))
             block.hits += 1
             block.pins += 1  # held until the ops below take their own pins
             loaded.append(block)
+        cpu.stats.hits += cpu_hits
+        block_hits["CPU"] += cpu_hits
+        self.stats.block_accesses += len(loaded)
         if not loaded:
             return 0
         for kind, moves in promotions.items():
             blocks, src_slots, dst_slots = (list(x) for x in zip(*moves))
-            waits.append(self._new_op(OpKind.PROMOTE, kind, CPU, blocks, src_slots, dst_slots, request_id, waits))
+            waits.append(self._new_op(PROMOTE, kind, CPU, blocks, src_slots, dst_slots, request_id, waits))
         cpu_slots = [b.slots[CPU] for b in loaded]
-        self._new_op(OpKind.LOAD, CPU, GPU, loaded, cpu_slots, list(gpu_block_ids[: len(loaded)]), request_id, waits)
+        self._new_op(LOAD, CPU, GPU, loaded, cpu_slots, list(gpu_block_ids[: len(loaded)]), request_id, waits)
         for block in loaded:
             block.pins -= 1
         return len(loaded)
@@ -299,9 +309,8 @@ class CacheManager:
         reusable past the hole. Returns the number of blocks being stored.
         """
         now = self.clock()
-        cpu, index, lower = self.cpu, self.index, self.lower
-        cpu_bit = 1 << CPU
-        selective = self.write_policy == "selective"
+        cpu, index, hit_lower = self.cpu, self.index, self._hit_lower
+        selective = self._selective
         on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
         protect = self.protect_prefix
         make_room, admits_all, free = self._make_room, cpu.admits_all, cpu.free_slots
@@ -322,12 +331,14 @@ class CacheManager:
             if CPU in slots:
                 block.hits += 1
                 cpu_hits += 1
-                if block.ready & cpu_bit:
+                if block.ready & CPU_BIT:
                     on_hit(key, block)
                     if selective and block.hits >= self.selective_hits:
                         self._copy_down([block])
                 continue
-            if not lower or not self._hit_lower(block):
+            if slots:  # not in the CPU tier, so in a slower one
+                hit_lower(block)
+            else:
                 misses += 1
             if refused:
                 cpu.admission.observe(key, block, request_tokens)
@@ -358,21 +369,28 @@ class CacheManager:
         cpu.stats.hits += cpu_hits
         cpu.stats.inserts += len(storing)
         if storing:
-            self._new_op(OpKind.STORE, GPU, CPU, storing, engine_slots, cpu_slots, request_id, waits)
+            self._new_op(STORE, GPU, CPU, storing, engine_slots, cpu_slots, request_id, waits)
         index.forget_if_unused(parent)  # the refused tail, if any
         return len(storing)
 
-    def _hit_lower(self, block: Block) -> bool:
-        """Count an access served by the fastest slower tier that holds the block."""
+    def _hit_lower(self, block: Block) -> None:
+        """Count an access served by the fastest slower tier that holds the block (one must)."""
         for tier in self.lower:
-            if tier.kind in block.slots:
+            if tier.slot_key in block.slots:
                 block.hits += 1
                 tier.stats.hits += 1
-                self.stats.block_hits[tier.kind.name] += 1
-                if block.ready >> tier.kind & 1:
+                self.stats.block_hits[tier.name] += 1
+                if block.ready & tier.bit:
                     tier.eviction.on_hit(block.key, block)
-                return True
-        return False
+                return
+
+    def _ready_source(self, block: Block) -> Tier | None:
+        """The fastest slower tier holding a complete copy of ``block``, if any."""
+        ready = block.ready
+        for tier in self.lower:
+            if ready & tier.bit:
+                return tier
+        return None
 
     def _admit(self, tier: Tier, block: Block, request_tokens: int, waits: list[int]) -> int | None:
         """The admission policy's consent, then a slot for ``block``, evicting if needed.
@@ -399,11 +417,12 @@ class CacheManager:
             block.pins -= 1
             tier.stats.rejected += 1
             return None
-        victim = self.index.get(key)
+        index = self.index
+        victim = index.get(key)
         tier.stats.evictions += 1
         if self._write_back:
             waits.extend(self._copy_down([victim], source=tier, next_only=True))
-        slot = self.index.detach(victim, tier.kind)
+        slot = index.detach(victim, tier.slot_key)
         if tier is not self.cpu:
             self.data_plane.release(tier.kind, [slot])
         block.pins -= 1
@@ -419,11 +438,10 @@ class CacheManager:
         targets = self.lower if source is self.cpu else [t for t in self.lower if t.kind > source.kind]
         if next_only:
             targets = targets[:1]
-        src_kind = int(source.kind)
-        src_bit = 1 << src_kind
+        src_kind, src_bit = source.slot_key, source.bit
         started = []
         for target in targets:
-            kind, free, admits_all = int(target.kind), target.free_slots, target.admits_all
+            kind, free, admits_all = target.slot_key, target.free_slots, target.admits_all
             on_insert = target.eviction.on_insert
             moving: list[Block] = []
             src_slots: list[int] = []
@@ -436,7 +454,7 @@ class CacheManager:
                 if free and admits_all:
                     slot = free.pop()
                 else:
-                    slot = self._admit(target, block, 0, waits)
+                    slot = self._make_room(target, block, waits) if admits_all else self._admit(target, block, 0, waits)
                     if slot is None:
                         continue
                 slots[kind] = slot
@@ -446,7 +464,7 @@ class CacheManager:
                 dst_slots.append(slot)
             if moving:
                 target.stats.inserts += len(moving)
-                started.append(self._new_op(OpKind.DEMOTE, src_kind, kind, moving, src_slots, dst_slots, None, waits))
+                started.append(self._new_op(DEMOTE, src_kind, kind, moving, src_slots, dst_slots, None, waits))
         return started
 
     def _promote(self, keys: Sequence[Hashable]) -> None:
@@ -460,7 +478,7 @@ class CacheManager:
                 break  # past a hole nothing is reusable
             if CPU in block.slots:
                 continue
-            source = next((t for t in self.lower if block.ready >> t.kind & 1), None)
+            source = self._ready_source(block)
             if source is None:
                 break
             slot = self._make_room(self.cpu, block, waits)
@@ -472,7 +490,7 @@ class CacheManager:
             moves.setdefault(source.kind, []).append((block, block.slots[source.kind], slot))
         for kind, items in moves.items():
             blocks, src_slots, dst_slots = (list(x) for x in zip(*items))
-            self._new_op(OpKind.PROMOTE, kind, CPU, blocks, src_slots, dst_slots, None, waits)
+            self._new_op(PROMOTE, kind, CPU, blocks, src_slots, dst_slots, None, waits)
 
     # ---------------------------------------------------------------------- ops
 
@@ -502,7 +520,12 @@ class CacheManager:
         self._ops[op_id] = op
         self._op_blocks[op_id] = blocks
         if request_id is not None:
-            self._request_ops.setdefault((request_id, _group(kind)), set()).add(op_id)
+            group = (request_id, _group(kind))
+            pending = self._request_ops.get(group)
+            if pending is None:
+                self._request_ops[group] = {op_id}
+            else:
+                pending.add(op_id)
         if op.after:
             self._held[op_id] = len(op.after)
             for dep in op.after:
@@ -529,12 +552,13 @@ class CacheManager:
         return self._finish(op, failed, source_suspect=True)
 
     def _finish(self, op: TransferOp, failed: set[Hashable], source_suspect: bool) -> list[RequestDone]:
-        del self._ops[op.op_id]
-        blocks = self._op_blocks.pop(op.op_id)
-        self._held.pop(op.op_id, None)
+        op_id = op.op_id
+        del self._ops[op_id]
+        blocks = self._op_blocks.pop(op_id)
+        self._held.pop(op_id, None)
         src_tier, dst_tier = self.tiers.get(op.src), self.tiers.get(op.dst)
         nbytes = self.block_bytes
-        dst_bit = 1 << op.dst if dst_tier is not None else 0
+        dst_bit = dst_tier.bit if dst_tier is not None else 0
         if not failed:
             for block in blocks:
                 block.pins -= 1
@@ -560,11 +584,11 @@ class CacheManager:
             dst_tier.stats.bytes_in += moved
         if src_tier is not None:
             src_tier.stats.bytes_out += moved
-        if op.kind is OpKind.STORE and done and self.write_policy == "write_through" and self.lower:
+        if op.kind is STORE and done and self._write_through:
             self._copy_down(done)
 
         events: list[RequestDone] = []
-        for dependent in self._dependents.pop(op.op_id, ()):
+        for dependent in self._dependents.pop(op_id, ()):
             if dependent not in self._ops:
                 continue
             if failed:
@@ -580,7 +604,7 @@ class CacheManager:
         """Submit an op whose prerequisites are done; a load loses everything from its first failed block on."""
         del self._held[op.op_id]
         failed = self._upstream_failed.pop(op.op_id, set())
-        if op.kind is OpKind.LOAD and failed:
+        if op.kind is LOAD and failed:
             cut = next((i for i, key in enumerate(op.keys) if key in failed), len(op.keys))
             lost = set(op.keys[cut:])
             if cut == 0:
@@ -591,7 +615,7 @@ class CacheManager:
                 self.index.forget_if_unused(block)
             self._op_blocks[op.op_id] = blocks[:cut]
             del op.keys[cut:], op.src_slots[cut:], op.dst_slots[cut:]
-            self._request_failed.setdefault((op.request_id, OpKind.LOAD), []).extend(lost)
+            self._request_failed.setdefault((op.request_id, LOAD), []).extend(lost)
         self._submit(op)
         return []
 
@@ -623,7 +647,7 @@ class CacheManager:
         running ops complete normally and their ``RequestDone`` still comes.
         """
         all_stopped = True
-        for kind in (OpKind.LOAD, OpKind.STORE):
+        for kind in (LOAD, STORE):
             group = (request_id, kind)
             for op_id in sorted(self._request_ops.get(group, ())):
                 op = self._ops.get(op_id)
@@ -714,4 +738,4 @@ class CacheManager:
 
 def _group(kind: OpKind) -> OpKind:
     """Loads and the promotions feeding them finish a request's load; stores its store."""
-    return OpKind.STORE if kind is OpKind.STORE else OpKind.LOAD
+    return STORE if kind is STORE else LOAD

@@ -78,8 +78,9 @@ class ImmediateDataPlane:
 
     def submit(self, op: TransferOp) -> None:
         self._submitted.append(op)
-        self.ops_by_link[op.link] = self.ops_by_link.get(op.link, 0) + 1
-        self.bytes_by_link[op.link] = self.bytes_by_link.get(op.link, 0) + op.nbytes
+        link = op.link
+        self.ops_by_link[link] = self.ops_by_link.get(link, 0) + 1
+        self.bytes_by_link[link] = self.bytes_by_link.get(link, 0) + op.nbytes
 
     def cancel(self, op_id: int) -> bool:
         before = len(self._submitted)

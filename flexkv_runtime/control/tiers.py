@@ -45,6 +45,11 @@ class Tier:
         if capacity_blocks <= 0:
             raise ValueError(f"{kind.name} tier needs at least one block, got capacity {capacity_blocks}")
         self.kind = kind
+        #: the kind as a plain int, its bit in ``Block.ready`` and its name: IntEnum arithmetic and
+        #: ``.name`` cost several times more on the manager's per-block path
+        self.slot_key = int(kind)
+        self.bit = 1 << kind
+        self.name = kind.name
         self.capacity_blocks = capacity_blocks
         self.eviction = eviction
         self.admission = admission

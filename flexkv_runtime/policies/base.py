@@ -74,6 +74,17 @@ class EvictionPolicy(Policy):
     def victim(self, can_evict: Callable[[Key], bool]) -> Key | None:
         raise NotImplementedError
 
+    def victims(self, count: int, can_evict: Callable[[Key], bool]) -> list[Key]:
+        """Choose and forget up to ``count`` blocks, as ``count`` calls of ``victim`` would (fewer when
+        nothing more can go). A policy may override it to choose them in one pass."""
+        chosen = []
+        while len(chosen) < count:
+            key = self.victim(can_evict)
+            if key is None:
+                break
+            chosen.append(key)
+        return chosen
+
     def __len__(self) -> int:
         raise NotImplementedError
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 
 from flexkv_runtime.policies.base import EvictionPolicy
 
@@ -24,17 +25,19 @@ class LRU(EvictionPolicy):
 
     def victim(self, can_evict):
         order = self._order
-        if order:
-            oldest = order.popitem(last=False)[0]
-            if can_evict(oldest):  # nearly always: pinned blocks are recent
-                return oldest
-            order[oldest] = None
-            order.move_to_end(oldest, last=False)
-        for key in order:
+        for key in order:  # oldest first; nearly always the first one
             if can_evict(key):
                 del order[key]
                 return key
         return None
+
+    def victims(self, count, can_evict):
+        """The ``count`` oldest evictable blocks in one pass: blocks kept (pinned) are looked at once."""
+        order = self._order
+        chosen = list(islice(filter(can_evict, order), count))
+        for key in chosen:
+            del order[key]
+        return chosen
 
     def __len__(self) -> int:
         return len(self._order)

@@ -33,6 +33,19 @@ def test_victims_are_resident_and_distinct(tier, name):
     assert sorted(victims) == list(range(16))
 
 
+@pytest.mark.parametrize("name", ONLINE)
+def test_victims_in_one_call_match_victim_calls(tier, name):
+    twins = [tier(name, capacity=16) for _ in range(2)]
+    for t in twins:
+        t.insert(*range(12))
+        t.hit(*range(0, 12, 3))
+    pinned = {0, 4, 5}
+    one_call = twins[0].policy.victims(6, lambda key: key not in pinned)
+    assert one_call == twins[1].victims(6, pinned=pinned)
+    assert twins[0].policy.victims(9, lambda key: key not in pinned) == twins[1].victims(3, pinned=pinned)
+    assert len(twins[0].policy) == len(twins[1].policy) == 3
+
+
 def test_fifo_ignores_hits_and_skips_pinned_in_place(tier):
     t = tier("fifo")
     t.insert(1, 2, 3)
