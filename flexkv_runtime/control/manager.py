@@ -454,7 +454,7 @@ class CacheManager:
                 if free and admits_all:
                     slot = free.pop()
                 else:
-                    slot = self._make_room(target, block, waits) if admits_all else self._admit(target, block, 0, waits)
+                    slot = self._admit(target, block, 0, waits)
                     if slot is None:
                         continue
                 slots[kind] = slot
