@@ -469,6 +469,9 @@ def calibrate(real: RealEngine, cfg: DictConfig) -> dict[str, Any]:
         for batch in c.decode_batches:  # decode steps of `batch` sequences
             real.serve([Prompt(f"decode{repeat}-{batch}-{i}", random_prompt(rng, 64 + 96 * i, vocab),
                                int(c.decode_tokens)) for i in range(int(batch))])
+        for number, lengths in enumerate(c.long_decodes):  # decodes behind long contexts
+            real.serve([Prompt(f"long-decode{repeat}-{number}-{i}", random_prompt(rng, int(length), vocab),
+                               int(c.decode_tokens)) for i, length in enumerate(lengths)])
         for base_length in c.context_lengths:  # prefills behind a cached prefix of `base_length` tokens
             base = random_prompt(rng, int(base_length), vocab)
             real.serve([Prompt(f"base{repeat}-{base_length}", base, 1)])

@@ -78,3 +78,44 @@ def test_a_misspelt_tier_key_fails_instead_of_dropping_the_tier():
     cfg["cpu"] = {"capacity_byte": 1e9}
     with pytest.raises(ValueError, match="unknown cpu keys"):
         HardwareSpec.from_config(cfg)
+
+
+def _write_profile(path, rows, attention=True):
+    head = "tokens,context,attention,seconds" if attention else "tokens,context,seconds"
+    path.write_text(head + "\n" + "\n".join(",".join(str(v) for v in row) for row in rows))
+    return path
+
+
+def test_profile_fits_decode_only_steps_with_a_line_of_their_own(tmp_path):
+    # decodes: 8 ms + 2 ms per sequence + 2 us per KV token; prefills: 20 ms + 1.7 ms per token + attention
+    decode = lambda tokens, context: 0.008 + 0.002 * tokens + 2e-6 * context  # noqa: E731
+    prefill = lambda tokens, pairs: 0.020 + 0.0017 * tokens + 2e-7 * pairs  # noqa: E731
+    rows = [(b, c, c, decode(b, c)) for b in (1, 2, 4, 8) for c in (100 * b, 1000 * b)]
+    for tokens in (32, 128, 512):
+        for cached in (0, 1024):
+            pairs = tokens * cached + tokens * (tokens + 1) // 2
+            rows.append((tokens, cached + tokens, pairs, prefill(tokens, pairs)))
+    step = profile(_write_profile(tmp_path / "profile.csv", rows))
+    assert step.decode_run(3, 4500).elapsed(1) == pytest.approx(decode(3, 4500))
+    assert step.decode_run(3, 4500).elapsed(2) == pytest.approx(decode(3, 4500) + decode(3, 4503))
+    assert step(256, 256 * 2000 + 256 * 257 // 2, 2256) == pytest.approx(prefill(256, 256 * 2000 + 256 * 257 // 2))
+
+
+def test_profile_weighs_every_step_by_its_relative_error(tmp_path):
+    # a 1-token step that costs 10 ms stays within a few percent, though 2-second steps dominate in seconds
+    rows = [(t, t, t, 0.010 + 0.004 * t) for t in (1, 2, 3)]
+    rows += [(t, t, t * (t + 1) // 2, (0.010 + 0.004 * t) * noise) for t, noise in ((256, 1.06), (384, 0.94), (512, 1.06))]
+    step = profile(_write_profile(tmp_path / "profile.csv", rows))
+    assert step(1, 1, 1) == pytest.approx(0.014, rel=0.03)
+
+
+def test_profile_leaves_out_a_term_that_fits_negative(tmp_path):
+    rows = [(t, c, 0.004 + 1e-4 * t - 1e-7 * c) for t in (1, 64, 512) for c in (100, 1000, 3000)]
+    (c0, c1, a, k), = profile(_write_profile(tmp_path / "profile.csv", rows, attention=False)).lines
+    assert k == 0 and a == 0 and c0 > 0 and c1 > 0
+
+
+def test_profile_refuses_steps_that_take_no_time(tmp_path):
+    rows = [(1, 10, 0.01), (8, 80, 0.0), (64, 640, 0.1)]
+    with pytest.raises(ValueError, match="positive.*row 3"):
+        profile(_write_profile(tmp_path / "profile.csv", rows, attention=False))
