@@ -152,7 +152,7 @@ def plot_ttft(frame: pd.DataFrame, summary: dict[str, Any], path: Path) -> Path:
                 ax.scatter(real[chosen & ~frame.decision_agrees], sim[chosen & ~frame.decision_agrees], marker=marker,
                            s=60, facecolors="none", edgecolors="red")
     if not frame.decision_agrees.all():
-        ax.scatter([], [], marker="o", s=60, facecolors="none", edgecolors="red", label="hit/miss decision differs")
+        ax.scatter([], [], marker="o", s=60, facecolors="none", edgecolors="red", label="blocks per tier differ")
     ticks = [t for t in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000) if low <= t <= high]
     ax.set_xscale("log")
     ax.set_yscale("log")
