@@ -12,8 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from experiments.common import CONF_DIR, load_workload
-from experiments.fidelity import (DECISION_COLUMNS, cold_start_factor, compare, load_latency, median_run, plot_ttft,
-                                  prompts_of, rerun_error, served_from, step_profile)
+from experiments.fidelity import (DECISION_COLUMNS, cold_start_factor, compare, contested, load_latency, median_run,
+                                  plot_ttft, prompts_of, rerun_error, served_from, step_profile)
 from flexkv_sim.model import StepTime, profile
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,20 @@ def test_real_runs_count_as_their_per_request_median_and_each_against_the_others
     assert floor["real_rerun_ttft_err_p90"] == pytest.approx(np.percentile(errors, 90), abs=1e-4)
     assert floor["real_rerun_decisions_agree"]
     assert not rerun_error([runs[0], side([0.1, 0.2, 0.4], [0, 4, 0], [0, 0, 3], [0, 0, 3])])["real_rerun_decisions_agree"]
+
+
+def test_the_reference_decision_is_the_one_most_real_runs_made_and_a_split_one_is_contested():
+    ttft = [0.1, 0.2, 0.3]
+    runs = [side(ttft, [0, 5, 0], [0, 0, 2], [0, 0, 0]),  # request 1: vLLM's cache in runs 1 and 4 ...
+            side(ttft, [0, 0, 0], [0, 0, 2], [0, 5, 0]),  # ... the SSD tier in runs 2 and 3
+            side(ttft, [0, 0, 0], [0, 0, 2], [0, 5, 0]),
+            side(ttft, [0, 5, 0], [0, 0, 2], [0, 0, 0])]
+    assert contested(runs) == ["1"] and contested(runs[1:3]) == []
+    reference = median_run(runs)  # a tie: the earliest run's decision
+    assert reference.gpu_hit_blocks.tolist() == [0, 5, 0] and reference.ssd_hit_blocks.tolist() == [0, 0, 0]
+    reference = median_run(runs[1:])  # two runs of three: the SSD tier
+    assert reference.gpu_hit_blocks.tolist() == [0, 0, 0] and reference.ssd_hit_blocks.tolist() == [0, 5, 0]
+    assert reference.cpu_hit_blocks.tolist() == [0, 0, 2]
 
 
 def test_compare_refuses_runs_of_different_requests_or_columns():
@@ -167,6 +181,20 @@ def test_simulate_and_compare_on_given_measurements_agrees_with_itself(tmp_path)
     assert second["decisions_agree"] and second["meets_targets"] and second["real_rerun_ttft_err_p90"] == 0.0
     assert sum(second[f"{t}_hit_blocks_sim"] for t in ("gpu", "cpu", "ssd")) > 0  # the workload does hit
     assert (tmp_path / "b" / "ttft_sim_vs_real.png").exists()
+
+    # two real runs of three take a request's hit blocks from another tier than the twin did: it is contested,
+    # the majority disagrees with the twin, yet hit or miss agrees, so the targets are still met
+    hit = next(row for row in sim.itertuples() if row.gpu_hit_blocks_sim + row.cpu_hit_blocks_sim > 0)
+    other = dict(measured["runs"][0]["decisions"][hit.request_id])
+    other["ssd"] += other["gpu"] + other["cpu"]
+    other["gpu"] = other["cpu"] = 0
+    split = {**measured["runs"][0]["decisions"], hit.request_id: other}
+    measured["runs"] = [measured["runs"][0], {**measured["runs"][0], "decisions": split},
+                        {**measured["runs"][0], "decisions": split}]
+    (tmp_path / "split.json").write_text(json.dumps(measured))
+    third = fidelity(*SMALL, f"fidelity.measured={tmp_path / 'split.json'}", f"hydra.run.dir={tmp_path / 'c'}")
+    assert third["decisions_contested"] == [hit.request_id] and not third["decisions_agree"]
+    assert third["decisions_agree_uncontested"] and third["meets_targets"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
