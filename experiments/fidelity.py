@@ -236,30 +236,21 @@ def step_profile(steps: Sequence[Sequence[float]], path: Path) -> Path:
 
     ``steps`` are (tokens, context, attention pairs, seconds), or (tokens, context, seconds) from a run
     that did not count attention pairs. Calibration repeats every step shape, and each shape keeps its
-    median time; shapes still far off a first linear fit, by their share of it (over 3 robust deviations
-    and 10%: steps slowed by other processes on a shared machine), are dropped, so that the simulator's
-    least-squares fit follows the engine, not the noise. A small model's attention costs less than the
-    noise: a term that comes out with a negative weight is left out (0), since a negative step time is
-    no time.
+    median time; shapes still far off the simulator's own fit of them (``flexkv_sim.model.profile``), by
+    their share of it (over 3 robust deviations and 10%: steps slowed by other processes on a shared
+    machine), are dropped, so that the fit follows the engine, not the noise.
     """
     columns = ["tokens", "context", "attention"][: len(steps[0]) - 1]
     frame = pd.DataFrame(steps, columns=[*columns, "seconds"])
     frame = frame[frame.tokens > 0].groupby(columns, as_index=False).seconds.median()
-
-    def fit(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """Least squares of the relative error: a step slowed 100-fold weighs as much as any other."""
-        design = np.column_stack([np.ones(len(table)), *(table[c] for c in columns)])
-        return design, np.linalg.lstsq(design / table.seconds.to_numpy()[:, None], np.ones(len(table)),
-                                       rcond=None)[0]
-
-    design, coefficients = fit(frame)
-    off = frame.seconds / (design @ coefficients) - 1
-    spread = 1.4826 * np.median(np.abs(off - np.median(off)))
-    frame = frame[np.abs(off - np.median(off)) <= max(3 * spread, 0.1)].copy()
-    for column, weight in zip(columns[1:], fit(frame)[1][2:]):
-        if weight < 0:
-            frame[column] = 0
     frame.to_csv(path, index=False)
+    step = profile_fit(path)
+    attention = frame.attention if "attention" in columns else pd.Series(0, index=frame.index)
+    predicted = np.array([step.decode_run(int(t), int(c)).elapsed(1) if "attention" in columns and a <= c
+                          else step(t, a, c) for t, c, a in zip(frame.tokens, frame.context, attention)])
+    off = frame.seconds / predicted - 1
+    spread = 1.4826 * np.median(np.abs(off - np.median(off)))
+    frame[np.abs(off - np.median(off)) <= max(3 * spread, 0.1)].to_csv(path, index=False)
     return path
 
 

@@ -113,11 +113,22 @@ def test_cold_start_factor_is_the_median_ratio_of_cold_first_steps_to_the_profil
     assert cold_start_factor([], step) == 1.0 and cold_start_factor([(100, 100, 5050, 0.006)], step) == 1.0
 
 
-def test_step_profile_leaves_out_context_it_cannot_see(tmp_path):
-    steps = [(t, c, 0.004 + 1e-4 * t - 1e-7 * c) for t in (1, 64, 512) for c in (100, 1000, 3000)]
+def test_step_profile_drops_the_shapes_its_own_fit_cannot_follow_in_either_regime(tmp_path):
+    # decodes and prefills cost differently (a line each, no one line within 10% of both); one decode shape
+    # and one prefill shape stalled
+    decode = lambda tokens, context: 0.008 + 0.002 * tokens + 2e-6 * context  # noqa: E731
+    prefill = lambda tokens, pairs: 0.040 + 0.0017 * tokens + 2e-7 * pairs  # noqa: E731
+    steps = [(b, c, c, decode(b, c)) for b in (1, 2, 4, 8) for c in (100 * b, 1000 * b)]
+    for tokens in (32, 128, 320, 512):
+        for cached in (0, 1024):
+            pairs = tokens * cached + tokens * (tokens + 1) // 2
+            steps.append((tokens, cached + tokens, pairs, prefill(tokens, pairs)))
+    steps += [(3, 900, 900, 2 * decode(3, 900)), (64, 64, 2080, 2 * prefill(64, 2080))]
     table = pd.read_csv(step_profile(steps, tmp_path / "profile.csv"))
-    assert (table.context == 0).all()
-    assert profile(tmp_path / "profile.csv").lines[0][3] == 0
+    assert len(table) == len(steps) - 2 and 3 not in table.tokens.tolist() and 64 not in table.tokens.tolist()
+    step = profile(tmp_path / "profile.csv")
+    assert step.decode_run(2, 700).elapsed(1) == pytest.approx(decode(2, 700))
+    assert step(200, 200 * 201 // 2, 200) == pytest.approx(prefill(200, 200 * 201 // 2))
 
 
 def test_load_latency_is_the_time_beyond_the_copy():
