@@ -2,7 +2,8 @@
 
 Each engine runs in a process of its own (``engine_job.py``); the outputs of a
 run without the connector are the reference every other run must reproduce
-token for token. Every run with the connector runs twice: loaded by module
+token for token, and their logprobs to within what vLLM's own compute paths
+move them by (``LOGPROB_ATOL``). Every run with the connector runs twice: loaded by module
 path, and through vLLM's in-tree ``FlexKVConnectorV1`` name with its settings
 in a ``FLEXKV_CONFIG_PATH`` file.
 """
@@ -20,6 +21,11 @@ BLOCK = 32
 
 
 CORRUPT_BLOCK = 3
+#: On an AVX2-only CPU vLLM's logprobs move by up to 0.013 between its own compute paths, before any block
+#: is offloaded: a prefix-cache hit against a full prefill, another chunk size, an engine with a KV connector
+#: against one without (on the machines of earlier sessions they matched to the last bit). The greedy
+#: tokens, which follow every block read (the model is sharpened for that), are still compared exactly.
+LOGPROB_ATOL = 0.03
 IN_TREE_CLASS = "vllm.distributed.kv_transfer.kv_connector.v1.flexkv_connector.FlexKVConnectorV1"
 
 
@@ -107,6 +113,13 @@ def corrupt_block(directory: Path, chain: int, depth: int) -> None:
         f.write(b"\x5a" * 512)
 
 
+def assert_logprobs_match(got: list[list[float]], want: list[list[float]]) -> None:
+    """Per prompt, per generated token: the same count, and values within ``LOGPROB_ATOL``."""
+    assert [len(row) for row in got] == [len(row) for row in want]
+    worst = max(abs(g - w) for got_row, want_row in zip(got, want) for g, w in zip(got_row, want_row))
+    assert worst <= LOGPROB_ATOL, f"logprobs differ by up to {worst:.4f}"
+
+
 def gained(totals: dict, before: dict, name: str) -> float:
     return totals.get(name, 0) - before.get(name, 0)
 
@@ -120,14 +133,14 @@ def test_cpu_tier_serves_a_repeated_prompt(run_engine, loading, reference, p):
         {"do": "totals", "name": "end"},
     ]})
     assert run["outputs"]["A"] == run["outputs"]["A again"] == reference["outputs"]["A"]
-    assert run["logprobs"]["A again"] == reference["logprobs"]["A"]
+    assert_logprobs_match(run["logprobs"]["A again"], reference["logprobs"]["A"])
     assert run["totals"]["end"]["hit_tokens_cpu"] >= 0.9 * len(p.A)
 
 
 def test_ssd_tier_serves_a_prompt_the_cpu_tier_cannot_hold(ssd_runs, reference, p):
     first, _ = ssd_runs
     assert first["outputs"]["A again"] == reference["outputs"]["A"]
-    assert first["logprobs"]["A again"] == reference["logprobs"]["A"]
+    assert_logprobs_match(first["logprobs"]["A again"], reference["logprobs"]["A"])
     before, after = first["totals"]["before"], first["totals"]["after"]
     assert gained(after, before, "hit_tokens_ssd") >= 0.9 * len(p.A)
 
@@ -135,14 +148,14 @@ def test_ssd_tier_serves_a_prompt_the_cpu_tier_cannot_hold(ssd_runs, reference, 
 def test_ssd_tier_survives_a_restart(ssd_runs, reference, p):
     _, second = ssd_runs
     assert second["outputs"]["A"] == reference["outputs"]["A"]
-    assert second["logprobs"]["A"] == reference["logprobs"]["A"]
+    assert_logprobs_match(second["logprobs"]["A"], reference["logprobs"]["A"])
     assert second["totals"]["A"]["hit_tokens_ssd"] >= 0.9 * len(p.A)
 
 
 def test_corrupt_ssd_block_is_recomputed(ssd_runs, reference, p):
     _, second = ssd_runs
     assert second["outputs"]["B"] == reference["outputs"]["B"]
-    assert second["logprobs"]["B"] == reference["logprobs"]["B"]
+    assert_logprobs_match(second["logprobs"]["B"], reference["logprobs"]["B"])
     before, after = second["totals"]["A"], second["totals"]["B"]
     assert gained(after, before, "load_failed_blocks") == len(p.B) // BLOCK - CORRUPT_BLOCK
     assert gained(after, before, "hit_tokens_ssd") + gained(after, before, "hit_tokens_cpu") == CORRUPT_BLOCK * BLOCK
@@ -154,5 +167,5 @@ def test_preemption_with_the_connector_changes_no_output(run_engine, loading, re
         "actions": [{"do": "generate", "name": "batch", "prompts": p.batch, "max_tokens": 48},
                     {"do": "totals", "name": "end"}]})
     assert run["outputs"]["batch"] == reference["outputs"]["batch"]
-    assert run["logprobs"]["batch"] == reference["logprobs"]["batch"]
+    assert_logprobs_match(run["logprobs"]["batch"], reference["logprobs"]["batch"])
     assert run["totals"]["end"]["preemptions"] > 0
