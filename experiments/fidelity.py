@@ -245,9 +245,8 @@ def step_profile(steps: Sequence[Sequence[float]], path: Path) -> Path:
     frame = frame[frame.tokens > 0].groupby(columns, as_index=False).seconds.median()
     frame.to_csv(path, index=False)
     step = profile_fit(path)
-    attention = frame.attention if "attention" in columns else pd.Series(0, index=frame.index)
-    predicted = np.array([step.decode_run(int(t), int(c)).elapsed(1) if "attention" in columns and a <= c
-                          else step(t, a, c) for t, c, a in zip(frame.tokens, frame.context, attention)])
+    attention = frame.attention if "attention" in columns else 0 * frame.context  # no pairs: one line fitted
+    predicted = np.array([step.of_row(t, a, c) for t, c, a in zip(frame.tokens, frame.context, attention)])
     off = frame.seconds / predicted - 1
     spread = 1.4826 * np.median(np.abs(off - np.median(off)))
     frame[np.abs(off - np.median(off)) <= max(3 * spread, 0.1)].to_csv(path, index=False)
