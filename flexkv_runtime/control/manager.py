@@ -313,7 +313,7 @@ class CacheManager:
         selective = self._selective
         on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
         protect = self.protect_prefix
-        make_room, admits_all, free = self._make_room, cpu.admits_all, cpu.free_slots
+        make_room, admits_all, admit, free = self._make_room, cpu.admits_all, cpu.admission.admit, cpu.free_slots
         get, create = index.get, index.create
         parent = index.chain(keys, start)
         storing: list[Block] = []
@@ -349,10 +349,11 @@ class CacheManager:
                 previous = block.parent
                 if previous is not None and protect:
                     previous.pins += 1  # the prefix this block extends must not make its room
-                if admits_all:
+                if admits_all or admit(key, block, request_tokens):
                     slot = make_room(cpu, block, waits)
                 else:
-                    slot = self._admit(cpu, block, request_tokens, waits)
+                    cpu.stats.rejected += 1
+                    slot = None
                 if previous is not None and protect:
                     previous.pins -= 1
                 if slot is None:

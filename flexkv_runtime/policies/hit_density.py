@@ -134,7 +134,7 @@ class HitDensity(EvictionPolicy):
         self._leaves = [[0.0] * age_bins for _ in range(classes)]
         self._density = [[0.0] * age_bins for _ in range(classes)]
         self._peak = [0.0] * classes  # each class's best density at any age
-        self._lowest_peak = 0.0
+        self._lowest_peak = 0.0  # over the classes a block can be offered in (all but tails)
         self._interval = max(1024, int(capacity_blocks * reconfigure_factor))
         self._next_reconfigure = self._interval
         self._threshold: float | None = None  # the density of the current victim, for admission
@@ -159,7 +159,7 @@ class HitDensity(EvictionPolicy):
                 hits[b] *= decay
                 leaves[b] *= decay
             self._peak[cls] = max(density)
-        self._lowest_peak = min(self._peak)
+        self._lowest_peak = min(self._peak[TAIL + 1 :])
         self._dirty.update(range(len(self._heaps)))
         self._threshold = None
         if sum(map(len, self._heaps)) > 2 * len(self._meta) + 1024:
@@ -532,7 +532,7 @@ class HitDensity(EvictionPolicy):
             found = self._candidate(_anything)
             threshold = self._threshold = found[0] if found is not None else 0.0
         if self._lowest_peak >= threshold or len(self._meta) < self.capacity_blocks:
-            return True  # every class is worth a slot now, or there is room
+            return True  # whatever its class, it is worth a slot now; or there is room
         packed = self._ghost.get(key) or self._ghost_old.get(key)
         if packed:
             seen = packed & 255
