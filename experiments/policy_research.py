@@ -19,6 +19,11 @@ Two modes, one Hydra app (configs in ``conf/research``):
   are fitted in hindsight, so this is an optimistic ceiling for online
   class-and-age policies (LRU's own row comes out at its real figure); Belady
   knows each block's future and is not bound by it. Writes ``bound.md``.
+- ``mode=latency``: what the replay's hit ratios become in latency. The
+  simulator (engines with their GPU prefix cache, the hierarchy's tiers) runs
+  the baseline and the candidates on one workload over the shipped hierarchy
+  and variants of it (``latency.hierarchies``); writes ``latency.md`` with
+  TTFT p50/p90/p99 and hit ratios per tier.
 - ``mode=tune`` (``--config-name tune_hit_density --multirun``): the objective
   of an Optuna sweep (hydra-optuna-sweeper) over a policy's parameters. It
   replays only the tuning set (synthetic workloads and the *first* half of the
@@ -94,15 +99,18 @@ def load(name: str, cfg: DictConfig) -> tuple[Workload, list[list[int]]]:
 # ------------------------------------------------------------------- policies
 
 
+def group_config(group: str, name: str) -> dict[str, Any]:
+    """The YAML of ``name`` in the config group conf/<group>, resolved."""
+    path = Path(CONF_DIR) / group / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"unknown {group} config {name!r}; valid choices: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
 def policy_spec(kind: str, spec: Any) -> Any:
     """A bare name becomes its YAML in conf/<kind> (the shipped defaults); a mapping is taken as given."""
-    if isinstance(spec, str):
-        path = Path(CONF_DIR) / kind / f"{spec}.yaml"
-        if not path.exists():
-            known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-            raise ValueError(f"unknown {kind} policy {spec!r}; valid choices: {known}")
-        return OmegaConf.to_container(OmegaConf.load(path))
-    return dict(spec)
+    return group_config(kind, spec) if isinstance(spec, str) else dict(spec)
 
 
 def run_cell(workload_name: str, fraction: float, label: str, policy: dict, cfg: DictConfig,
@@ -312,6 +320,66 @@ def bound(cfg: DictConfig) -> float:
     return 0.0
 
 
+# ------------------------------------------------------------------- latency
+
+
+def latency_cell(workload: Workload, variant: str, hierarchy: dict, label: str, policy: dict,
+                 lat: dict) -> dict[str, Any]:
+    """One simulation: the workload on ``lat``'s engines over ``hierarchy``, ``policy`` in every tier."""
+    from flexkv_sim.metrics import summarize
+    from flexkv_sim.simulator import simulation_from_config
+
+    simulate = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "simulate.yaml").simulate)
+    simulate.update(instances=int(lat["instances"]), router=str(lat["router"]), progress=False, sample_interval_s=0)
+    config = {"hierarchy": hierarchy, "model": group_config("model", str(lat["model"])),
+              "prefetch": group_config("prefetch", "none"), "simulate": simulate,
+              "eviction": policy_spec("eviction", policy["eviction"]),
+              "admission": policy_spec("admission", policy.get("admission", "always"))}
+    summary = summarize(simulation_from_config(workload, config).run())
+    return {"hierarchy": variant, "policy": label,
+            **{key: summary[key] for key in LATENCY_FIGURES}}
+
+
+#: the simulator's figures ``mode=latency`` reports per run
+LATENCY_FIGURES = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_token_hit_ratio", "hit_ratio_gpu",
+                   "hit_ratio_cpu", "hit_ratio_ssd", "load_wait_total_s", "gpu_busy", "sim_wall_s")
+
+
+def latency(cfg: DictConfig) -> float:
+    """The simulator's TTFT for the baseline and the candidates: ``cfg.latency``'s workload on its engines,
+    over each of its hierarchy variants (the shipped config, merged with the variant's changes)."""
+    from joblib import Parallel, delayed
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    lat = OmegaConf.to_container(cfg.latency, resolve=True)
+    workload, _ = load(str(lat["workload"]), cfg)
+    shipped = group_config("hierarchy", str(lat["hierarchy"]))
+    hierarchies = {variant: OmegaConf.to_container(OmegaConf.merge(shipped, changes or {}))
+                   for variant, changes in lat["hierarchies"].items()}
+    labels = [str(cfg.baseline), *cfg.candidates]
+    policies = {label: OmegaConf.to_container(cfg.policies[label]) for label in labels}
+    grid = [(variant, label) for variant in hierarchies for label in labels]
+    print(f"{workload.name}: {len(workload)} requests on {lat['instances']} x {lat['hierarchy']}, {lat['model']}; "
+          f"{len(grid)} simulations", flush=True)
+    rows = Parallel(n_jobs=int(cfg.jobs), verbose=10)(
+        delayed(latency_cell)(workload, variant, hierarchies[variant], label, policies[label], lat)
+        for variant, label in grid)
+    lines = [f"Simulated `{lat['workload']}` on {lat['instances']} x `{lat['hierarchy']}` engines "
+             f"({lat['model']}, router {lat['router']}); the policy runs in every tier, admission guards the CPU tier.",
+             "", "| hierarchy | policy | prefix-token hit | CPU hit | SSD hit | TTFT p50 (s) | TTFT p90 (s) | "
+             "TTFT p99 (s) | GPU busy |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['hierarchy']} | {r['policy']} | {r['prefix_token_hit_ratio']:.3f} | {r['hit_ratio_cpu']:.3f} "
+                     f"| {r['hit_ratio_ssd']:.3f} | {r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} "
+                     f"| {r['ttft_p99_s']:.3f} | {r['gpu_busy']:.2f} |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "latency.md").write_text(table)
+    print(table)
+    print(json.dumps({"output_dir": str(out_dir), **{
+        f"{r['hierarchy']}/{r['policy']}": {key: round(r[key], 4) for key in LATENCY_FIGURES} for r in rows}}))
+    return 0.0
+
+
 # ------------------------------------------------------------------ evaluate
 
 
@@ -486,7 +554,9 @@ def main(cfg: DictConfig) -> float:
         return evaluate(cfg)
     if cfg.mode == "bound":
         return bound(cfg)
-    raise ValueError(f"unknown mode {cfg.mode!r}; valid choices: ['evaluate', 'tune', 'bound']")
+    if cfg.mode == "latency":
+        return latency(cfg)
+    raise ValueError(f"unknown mode {cfg.mode!r}; valid choices: ['evaluate', 'tune', 'bound', 'latency']")
 
 
 if __name__ == "__main__":

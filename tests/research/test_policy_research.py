@@ -62,3 +62,29 @@ def test_the_class_ttl_bound_orders_feature_sets():
     assert 0 < one <= seen + 1e-9 <= oracle + 1e-9 <= workload.infinite_cache_hit_ratio() + 1e-9
     huge = _ttl_bound(refs, FEATURE_SETS["none (one class: ~LRU)"], 10 * workload.num_unique_blocks())
     assert huge == pytest.approx(workload.infinite_cache_hit_ratio())
+
+
+def test_latency_mode_reports_the_simulator_figures_of_each_policy_and_hierarchy(tmp_path):
+    """Each row is the simulation `python -m experiments simulate` runs with that policy and hierarchy."""
+    small = "gpu: {kv_capacity_blocks: 48}, cpu: {capacity_blocks: 24, capacity_bytes: null}"
+    proc = run("mode=latency", "latency.workload=chat", "latency.instances=1", "jobs=1", "candidates=[hit_density]",
+               "~latency.hierarchies", f"+latency.hierarchies={{small: {{{small}}}, small_cpu_only: {{{small}, ssd: {{capacity_bytes: 0}}}}}}",
+               f"hydra.run.dir={tmp_path}")
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(figures) == {"output_dir", "small/lru", "small/hit_density", "small_cpu_only/lru",
+                            "small_cpu_only/hit_density"}
+    assert figures["small/lru"]["hit_ratio_cpu"] > 0 and figures["small/lru"]["hit_ratio_ssd"] > 0
+    assert figures["small_cpu_only/lru"]["hit_ratio_ssd"] == 0
+    assert figures["small/lru"]["hit_ratio_cpu"] != figures["small/hit_density"]["hit_ratio_cpu"]  # the policy acts
+    table = (tmp_path / "latency.md").read_text()
+    assert "| small_cpu_only | hit_density |" in table
+
+    direct = subprocess.run(
+        [sys.executable, "-m", "experiments", "simulate", "workload=chat", "eviction=hit_density",
+         "simulate.progress=false", "simulate.sample_interval_s=0", "hierarchy.gpu.kv_capacity_blocks=48",
+         "+hierarchy.cpu.capacity_blocks=24", "hierarchy.cpu.capacity_bytes=null", f"hydra.run.dir={tmp_path / 'direct'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    summary = json.loads(direct.stdout.strip().splitlines()[-1])
+    for key in ("ttft_p50_s", "ttft_p90_s", "prefix_token_hit_ratio", "hit_ratio_cpu", "hit_ratio_ssd"):
+        assert figures["small/hit_density"][key] == round(summary[key], 4), key
