@@ -117,11 +117,14 @@ def run_cell(workload_name: str, fraction: float, label: str, policy: dict, cfg:
              capacity_of: str | None = None) -> dict[str, Any]:
     """One replay; ``capacity_of`` takes the capacity from another workload's unique blocks."""
     workload, keys = load(workload_name, cfg)
-    capacity = capacity_from_fraction(load(capacity_of, cfg)[0] if capacity_of else workload, fraction)
+    sized_by = load(capacity_of, cfg)[0] if capacity_of else workload
+    capacity = capacity_from_fraction(sized_by, fraction)
+    gpu_fraction = float(cfg.get("gpu_fraction") or 0.0)
     result = replay(
         workload,
         keys=keys,
         capacity_blocks=capacity,
+        gpu_blocks=capacity_from_fraction(sized_by, gpu_fraction) if gpu_fraction > 0 else 0,
         eviction=policy_spec("eviction", policy["eviction"]),
         admission=policy_spec("admission", policy.get("admission", "always")),
     )

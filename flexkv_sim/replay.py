@@ -21,6 +21,7 @@ from flexkv_runtime.control.ops import ImmediateDataPlane
 from flexkv_runtime.control.oracle import FutureOracle
 from flexkv_runtime.policies.base import policy_class
 from flexkv_sim.gc_pause import gc_paused
+from flexkv_sim.gpu_cache import GpuPrefixCache
 from flexkv_sim.workloads.request import Workload
 
 
@@ -67,9 +68,15 @@ def replay(
     write_policy: str = "write_through",
     keys: list[list[int]] | None = None,
     demand_paging: bool = False,
+    gpu_blocks: int = 0,
     progress: bool = False,
 ) -> ReplayResult:
     """Replay ``workload`` through a fresh CacheManager and return its hit figures.
+
+    ``gpu_blocks`` > 0 puts an engine's own prefix cache of that many blocks (vLLM's, LRU, as the
+    simulator's) in front of the tiers: the leading blocks of a request it holds are served from it
+    and the tiers see only the rest, as they do behind a real engine. The prefix-token hit ratio then
+    counts both; the block figures stay those of the tiers.
 
     By default a request's new blocks are stored in one op, as the connector
     does after a prefill: they hold their slots (and cannot be evicted) until it
@@ -101,6 +108,8 @@ def replay(
             for op in ops:
                 manager.complete(op.op_id)
 
+    gpu = GpuPrefixCache(gpu_blocks) if gpu_blocks > 0 else None
+    gpu_hit_blocks = 0
     requests = workload.requests
     iterator = range(len(requests))
     if progress:
@@ -116,10 +125,12 @@ def replay(
             now[0] = request.arrival_s
             if oracle is not None:
                 oracle.begin(i)
+            in_gpu = gpu.prefix(request_keys, len(request_keys)) if gpu is not None else []
+            skip = len(in_gpu)
             manager.on_request_waiting(i, request_keys)
-            found = manager.lookup(request_keys, request_id=i)
+            found = manager.lookup(request_keys[skip:] if skip else request_keys, request_id=i)
             manager.on_request_running(i)
-            loaded = manager.plan_load(i, request_keys, 0, range(found.ready_blocks))
+            loaded = skip + manager.plan_load(i, request_keys, skip, range(found.ready_blocks))
             settle()
             step = 1 if demand_paging else len(request_keys)
             for first in range(loaded, len(request_keys), step):
@@ -128,11 +139,28 @@ def replay(
                                    request_tokens=request.input_length)
                 settle()
             manager.on_request_finished(i)
+            if gpu is not None:
+                gpu_hit_blocks += skip
+                _through_gpu(gpu, in_gpu, request_keys)
             prompt_tokens += request.input_length
             hit_tokens += min(loaded * tpb, request.input_length)
         wall = time.perf_counter() - started
-    return summarize(manager, workload, _policy_name(eviction), capacity_blocks, ssd_capacity_blocks,
-                     prompt_tokens, hit_tokens, wall)
+    result = summarize(manager, workload, _policy_name(eviction), capacity_blocks, ssd_capacity_blocks,
+                       prompt_tokens, hit_tokens, wall)
+    if gpu is not None:
+        result.extra.update(gpu_blocks=gpu_blocks, gpu_hit_blocks=gpu_hit_blocks, gpu_evictions=gpu.evictions)
+    return result
+
+
+def _through_gpu(gpu: GpuPrefixCache, hit: list, keys: list) -> None:
+    """The request ran on the engine: its blocks are cached there (LRU), or it bypasses a cache too small for it."""
+    new = len(keys) - len(hit)
+    if not gpu.can_admit(hit, new):
+        return
+    gpu.admit(hit, new)
+    gpu.take(new)
+    named = gpu.register(keys, len(hit), len(keys))
+    gpu.release(hit + named, new - len(named))
 
 
 def summarize(
