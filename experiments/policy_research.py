@@ -1,11 +1,12 @@
 """`python -m experiments.policy_research`: online eviction/admission policies against the field.
 
-Two modes, one Hydra app (configs in ``conf/research``):
+Four modes, one Hydra app (configs in ``conf/research``):
 
 - ``mode=evaluate`` (``--config-name policy_research``, the default): every
   policy x capacity (fractions of each workload's unique blocks) x workload
   (the Mooncake conversation trace whole and split in time into a first and a
-  second half, plus the four synthetic generators) through the replay. Writes
+  second half, plus the four synthetic generators) through the replay, with
+  ``gpu_fraction`` > 0 behind an engine's own LRU prefix cache. Writes
   ``results.csv``, ``results.md`` (prefix-token hit ratio with the share of the
   LRU -> Belady gap closed, and the block hit ratio) and ``prefix_hit.png`` into
   the run's output folder, times the control plane (LRU against the candidate
