@@ -7,7 +7,9 @@ only when its class's best density (at any age) reaches the density of the
 current victim: a class not worth its slot is not stored at all, which is the
 rule that maximises hits for a fixed amount of cache space. Refused blocks
 still count as seen (and ``observe``d ones, past a refusal in their request),
-so a prefix that keeps coming back climbs into a reuse class and is admitted.
+so a prefix that keeps coming back climbs into a reuse class and is admitted,
+and their returns count as hits of their class (the eviction policy learns from
+them as from its own evictions).
 With any other eviction policy in the tier it admits everything.
 """
 from __future__ import annotations

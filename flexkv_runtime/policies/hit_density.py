@@ -29,8 +29,13 @@ at the age it would have had if it comes back while remembered, or as leaving
 at the age it would have reached if it does not. So the policy learns what
 keeping a block longer would have paid, not only what its own evictions let it
 see (plain LHD never sees a hit past the age at which it evicts, and keeps
-evicting there). With no data yet every class gets one density falling with
-age: LRU.
+evicting there). Refusals are not censored either: a block the admission
+refuses (or one past a refusal in its request) is remembered as if stored in
+its class and evicted at once. Without that, a class the admission turned away
+never showed the hits it would have had and went on being refused: in the
+simulator with four engines splitting the Mooncake trace, the admission cost
+1.3 points of prefix-token hit ratio against LRU and now gains 0.7. With no
+data yet every class gets one density falling with age: LRU.
 
 Prefix awareness: a block is worth nothing past a hole in its prefix, so only
 leaves of the cached prefix tree (blocks with no resident child in this tier)
@@ -199,16 +204,30 @@ class HitDensity(EvictionPolicy):
 
     # ------------------------------------------------------------------ ghost
 
-    def _seen_before(self, key) -> int:
+    def _offered_class(self, key, block) -> int:
+        """The class a block that is not stored would enter now (before its request's size is known)."""
         packed = self._ghost.get(key) or self._ghost_old.get(key)
-        return packed & 255 if packed else 0
+        if packed:
+            seen = packed & 255
+            return self._reuse_base + (seen if seen < self.max_reuse else self.max_reuse)
+        return 1 + min((block.depth + 1).bit_length() - 1, self.size_classes - 1)
 
-    def _remember(self, key, seen: int) -> None:
-        """Count a sighting of a key that is not stored; one evicted earlier keeps its class
-        and last use, so its return can still be counted against keeping it."""
+    def _remember(self, key, cls: int) -> None:
+        """A key offered but not stored (refused, or past a refusal in its request) is remembered as if
+        stored in class ``cls`` and evicted at once: its return counts as a hit keeping it would have
+        been, its absence as the slot-time it would have held, so refusals no more censor what the
+        policy learns than evictions do. A return of a key remembered before counts the same way."""
         ghost = self._ghost
+        now = self._now
         old = ghost.pop(key, None) or self._ghost_old.pop(key, None)
-        ghost[key] = min(seen, 255) | (old & ~255 if old else 0)
+        if old:
+            seen = (old & 255) + 1
+            old_cls = (old >> 8 & 255) - 1
+            if old_cls >= 0:
+                self._hits[old_cls][self._bin(now - (old >> 16))] += 1.0
+        else:
+            seen = 1
+        ghost[key] = (seen if seen < 255 else 255) | (cls + 1) << 8 | now << 16
         if len(ghost) >= self._ghost_half:
             self._expire(self._ghost_old)
             self._ghost_old = ghost
@@ -533,25 +552,20 @@ class HitDensity(EvictionPolicy):
             threshold = self._threshold = found[0] if found is not None else 0.0
         if self._lowest_peak >= threshold or len(self._meta) < self.capacity_blocks:
             return True  # whatever its class, it is worth a slot now; or there is room
-        packed = self._ghost.get(key) or self._ghost_old.get(key)
-        if packed:
-            seen = packed & 255
-            cls = self._reuse_base + (seen if seen < self.max_reuse else self.max_reuse)
-        else:
-            cls = 1 + min((block.depth + 1).bit_length() - 1, self.size_classes - 1)
+        cls = self._offered_class(key, block)
         if self._peak[cls] >= self._threshold:
             return True
-        self.sighted(key, block)
+        self.sighted(key, block, cls)
         return False
 
-    def sighted(self, key, block) -> None:
+    def sighted(self, key, block, cls: int | None = None) -> None:
         """``key`` was offered but not stored: it still counts as seen, and as an access."""
         self._tick()
         if self._pending is not None:
             parent = block.parent
             # stored up to its parent and refused from here: the request did not end there
             self._end_of_request(tail=parent is None or parent.key != self._pending)
-        self._remember(key, self._seen_before(key) + 1)
+        self._remember(key, self._offered_class(key, block) if cls is None else cls)
 
 
 def _anything(key) -> bool:

@@ -92,9 +92,29 @@ def test_admission_defers_to_the_densities_and_counts_refused_sightings():
     policy._peak = [0.0] * len(policy._peak)
     policy._threshold, policy._threshold_uses = 1.0, 0
     assert not t.admission.admit(99, block, 512)
-    assert policy._seen_before(99) == 1  # refused, but seen
+    assert policy._offered_class(99, block) == policy._reuse_base + 1  # refused, but seen
     policy._peak[policy._reuse_base + 1] = 2.0
     assert t.admission.admit(99, block, 512)  # the second sighting is in a class worth its slot
+
+
+def test_a_refused_block_that_returns_counts_as_a_hit_of_its_class():
+    """Refusals do not censor what the policy learns: a refused block is remembered as stored and
+    evicted at once, so its return is a hit of its class at the age it would have had."""
+    t = Tier(capacity=2)
+    t.chain(1)
+    t.chain(2)
+    policy = t.policy
+    policy._peak = [0.0] * len(policy._peak)
+    policy._threshold = 1.0
+    block = Block(99, None, 1.0)
+    first_seen = policy._offered_class(99, block)
+    hits_before = sum(policy._hits[first_seen])
+    assert not t.admission.admit(99, block, 512)
+    assert sum(policy._hits[first_seen]) == hits_before  # not back yet
+    t.hit(1, 2)  # time passes
+    policy._threshold = 1.0
+    assert not t.admission.admit(99, block, 512)  # back, refused again
+    assert sum(policy._hits[first_seen]) == hits_before + 1
 
 
 def test_admission_without_its_eviction_partner_admits_everything():
