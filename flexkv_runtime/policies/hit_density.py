@@ -207,10 +207,7 @@ class HitDensity(EvictionPolicy):
     def _offered_class(self, key, block) -> int:
         """The class a block that is not stored would enter now (before its request's size is known)."""
         packed = self._ghost.get(key) or self._ghost_old.get(key)
-        if packed:
-            seen = packed & 255
-            return self._reuse_base + (seen if seen < self.max_reuse else self.max_reuse)
-        return 1 + min((block.depth + 1).bit_length() - 1, self.size_classes - 1)
+        return self._class_of((packed & 255 if packed else 0) + 1, block.depth + 1)
 
     def _remember(self, key, cls: int) -> None:
         """A key offered but not stored (refused, or past a refusal in its request) is remembered as if
