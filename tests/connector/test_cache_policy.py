@@ -14,7 +14,7 @@ from vllm.v1.kv_offload.cpu.manager import CPUOffloadingManager  # noqa: E402
 
 MODULE = "connector.cache_policy"
 TOKENS_PER_BLOCK = 16
-POLICIES = ["lru", "fifo", "lfu", "arc", "s3fifo", "sieve", "slru", "prefix_lru", "cost_aware", "lookahead"]
+POLICIES = ["lru", "fifo", "lfu", "arc", "s3fifo", "sieve", "slru", "prefix_lru", "cost_aware", "lookahead", "hit_density"]
 
 
 def key_stream(seed: int, requests: int, documents: int, blocks: int) -> list[list[int]]:
