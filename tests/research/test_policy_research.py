@@ -88,3 +88,19 @@ def test_latency_mode_reports_the_simulator_figures_of_each_policy_and_hierarchy
     summary = json.loads(direct.stdout.strip().splitlines()[-1])
     for key in ("ttft_p50_s", "ttft_p90_s", "prefix_token_hit_ratio", "hit_ratio_cpu", "hit_ratio_ssd"):
         assert figures["small/hit_density"][key] == round(summary[key], 4), key
+
+
+def test_evaluate_puts_an_engine_cache_of_gpu_fraction_in_front_of_the_tier(tmp_path):
+    from flexkv_sim.replay import capacity_from_fraction, replay
+    from omegaconf import OmegaConf
+
+    proc = run("workloads=[chat]", "capacity_fractions=[0.05]", "gpu_fraction=0.02", "jobs=1", "timing.enabled=false",
+               "candidates=[]", "run_policies=[lru,belady]", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0
+    row = next(r for r in (tmp_path / "results.csv").read_text().splitlines()[1:] if ",lru," in r)
+    chat = build_workload(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "workload" / "chat.yaml")))
+    fronted = replay(chat, capacity_blocks=capacity_from_fraction(chat, 0.05), eviction="lru",
+                     gpu_blocks=capacity_from_fraction(chat, 0.02))
+    alone = replay(chat, capacity_blocks=capacity_from_fraction(chat, 0.05), eviction="lru")
+    assert fronted.prefix_token_hit_ratio != alone.prefix_token_hit_ratio
+    assert f"{fronted.prefix_token_hit_ratio}" in row.split(",")
