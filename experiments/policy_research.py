@@ -327,6 +327,11 @@ def bound(cfg: DictConfig) -> float:
 # ------------------------------------------------------------------- latency
 
 
+#: the simulator's figures ``mode=latency`` reports per run
+LATENCY_FIGURES = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_token_hit_ratio", "hit_ratio_gpu",
+                   "hit_ratio_cpu", "hit_ratio_ssd", "load_wait_total_s", "gpu_busy", "sim_wall_s")
+
+
 def latency_cell(workload: Workload, variant: str, hierarchy: dict, label: str, policy: dict,
                  lat: dict) -> dict[str, Any]:
     """One simulation: the workload on ``lat``'s engines over ``hierarchy``, ``policy`` in every tier."""
@@ -342,11 +347,6 @@ def latency_cell(workload: Workload, variant: str, hierarchy: dict, label: str, 
     summary = summarize(simulation_from_config(workload, config).run())
     return {"hierarchy": variant, "policy": label,
             **{key: summary[key] for key in LATENCY_FIGURES}}
-
-
-#: the simulator's figures ``mode=latency`` reports per run
-LATENCY_FIGURES = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "prefix_token_hit_ratio", "hit_ratio_gpu",
-                   "hit_ratio_cpu", "hit_ratio_ssd", "load_wait_total_s", "gpu_busy", "sim_wall_s")
 
 
 def latency(cfg: DictConfig) -> float:
