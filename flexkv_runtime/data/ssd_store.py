@@ -310,10 +310,15 @@ class SsdStore:
         keys: Sequence[Hashable],
         parents: Sequence[Hashable | None],
         sources: Sequence[np.ndarray],
+        checksums: Sequence[int | None] | None = None,
     ) -> list[bool]:
-        """Write blocks (uint8 arrays of ``block_bytes``) into slots; True where the block is now stored."""
+        """Write blocks (uint8 arrays of ``block_bytes``) into slots; True where the block is now stored.
+
+        ``checksums`` are the blocks' xxh3 (seeded with the key) where already known, taken when they
+        arrived in DRAM; None entries are computed here."""
         order = sorted(range(len(slots)), key=lambda i: self._place(slots[i]))
-        futures = {i: self._writers.submit(self._write_one, slots[i], keys[i], sources[i]) for i in order}
+        known = checksums or [None] * len(slots)
+        futures = {i: self._writers.submit(self._write_one, slots[i], keys[i], sources[i], known[i]) for i in order}
         written: dict[int, tuple[int, int]] = {}
         for i, future in futures.items():
             try:
@@ -341,7 +346,7 @@ class SsdStore:
             self.stats.bytes_written += len(written) * self.block_bytes
         return [i in written for i in range(len(slots))]
 
-    def _write_one(self, slot: int, key: Hashable, source: np.ndarray) -> tuple[int, int]:
+    def _write_one(self, slot: int, key: Hashable, source: np.ndarray, checksum: int | None) -> tuple[int, int]:
         """Write one block with its header; returns (checksum, generation)."""
         if not isinstance(key, int) or not 0 <= key < 1 << 64:
             raise _StoreError("write_errors", f"key {key!r} is not an unsigned 64-bit integer")
@@ -354,7 +359,8 @@ class SsdStore:
             self._occupied.add(slot)
             self._generation += 1
             generation = self._generation
-        checksum = xxhash.xxh3_64_intdigest(source, seed=key)
+        if checksum is None:
+            checksum = xxhash.xxh3_64_intdigest(source, seed=key)
         staging = self._staging()
         _HEADER.pack_into(staging, 0, _BLOCK_MAGIC, self._tag_bytes, slot, key, generation, checksum, self.block_bytes)
         if self._zero_copy(slot, source):
@@ -404,6 +410,11 @@ class SsdStore:
             self.stats.blocks_read += sum(ok)
             self.stats.bytes_read += sum(ok) * self.block_bytes
         return ok
+
+    def checksums(self, slots: Sequence[int]) -> list[int | None]:
+        """The recorded checksum of each slot's block (None for an empty slot): what a read verified."""
+        with self._lock:
+            return [entry.checksum if (entry := self._live.get(slot)) is not None else None for slot in slots]
 
     def _read_one(self, slot: int, key: Hashable, target: np.ndarray) -> None:
         with self._lock:

@@ -12,6 +12,10 @@ block on a Condition until ops are done.
 On CUDA, GPU copies run on a side stream per link, ordered after the work the
 engine had queued on its current stream when the op was submitted.
 
+With a remote tier, a block is sealed (its trailer written, checksum included)
+as it lands in the CPU pool, so puts send rows as they are and SSD writes reuse
+the checksum: one hash per block, however many tiers it reaches.
+
 A remote get that outlives the tier's timeout is reported failed but may still
 land in its CPU rows later; until it ends those rows are *fenced*: any op that
 would write into one fails that block instead (a miss, never a torn block).
@@ -314,6 +318,8 @@ class TransferEngine:
         with self._gpu_side(GPU_TO_CPU, job):
             kernels.gather_blocks(self._engine_layers(), op.src_slots, self.pool.tensor, op.dst_slots, self.backend)
         self._synchronize(GPU_TO_CPU)
+        if self.remote is not None:  # sealed on arrival: later puts and SSD writes reuse the checksum
+            self.remote.codec.seal(self.pool.rows_with_tails(op.dst_slots), op.keys)
         return set()
 
     def _scatter(self, job: _Job) -> set[Hashable]:
@@ -330,12 +336,20 @@ class TransferEngine:
 
     def _write_ssd(self, job: _Job) -> set[Hashable]:
         op = job.op
-        ok = self.ssd.write(op.dst_slots, op.keys, job.parents, self.pool.rows(op.src_slots))
+        checksums = None
+        if self.remote is not None:  # the rows' trailers carry their checksums
+            checksums = self.remote.codec.carried(self.pool.rows_with_tails(op.src_slots), op.keys)
+        ok = self.ssd.write(op.dst_slots, op.keys, job.parents, self.pool.rows(op.src_slots), checksums)
         return {key for key, good in zip(op.keys, ok) if not good}
 
     def _read_ssd(self, job: _Job) -> set[Hashable]:
         op = job.op
         ok = self.ssd.read(op.src_slots, op.keys, self.pool.rows(op.dst_slots))
+        if self.remote is not None:  # the read verified these checksums: seal the rows with them
+            read = [i for i, good in enumerate(ok) if good]
+            checksums = self.ssd.checksums([op.src_slots[i] for i in read])
+            self.remote.codec.seal(self.pool.rows_with_tails([op.dst_slots[i] for i in read]),
+                                   [op.keys[i] for i in read], checksums)
         return {key for key, good in zip(op.keys, ok) if not good}
 
     def _write_remote(self, job: _Job) -> set[Hashable]:

@@ -3,6 +3,7 @@ import threading
 import time
 
 import pytest
+import xxhash
 
 from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.keys import Namespace
@@ -112,6 +113,56 @@ def test_corrupt_and_foreign_values_are_misses_never_served(rk, memory, make_run
     assert rk.load(stranger, "r", keys[:1], [0]) == (1, keys[:1])
     assert stranger.engine.stats().remote["gets_corrupt"] == 1
 
+
+
+def test_a_block_is_sealed_on_arrival_so_bytes_damaged_in_dram_later_are_never_served(rk, memory, make_runtime):
+    src = rk.make_layers(seed=15)
+    a = make_runtime(config(), src)
+    keys = rk.keys_for(15, 2)
+    assert a.manager.plan_store("r", keys, [0, 1]) == 2
+    assert a.engine.flush(timeout=30)  # in A's CPU pool; the manager has not heard, so no put has started
+    a.engine.pool.row(a.manager.index.get(keys[1]).slots[CPU])[5] ^= 0xFF  # a bit flip in DRAM
+    a.flush(timeout=30)
+    assert a.engine.stats().remote["puts_stored"] == 2
+
+    dst = rk.make_layers(zero=True)
+    b = make_runtime(config(), dst)
+    assert rk.discover(b, "r", keys) == 2
+    assert rk.load(b, "r", keys, [4, 5]) == (2, keys[1:])  # the put sent the damage with the arrival checksum
+    assert rk.same_blocks(dst, [4], src, [0]) and b.engine.stats().remote["gets_corrupt"] == 1
+
+
+def test_ssd_and_remote_copies_share_the_checksum_taken_on_arrival_and_ssd_reads_reseal(rk, memory, make_runtime,
+                                                                                        tmp_path):
+    cfg = config(cpu_blocks=2) | {"ssd": {"capacity_blocks": 8, "dirs": [str(tmp_path)], "fsync": "none"}}
+    rt = make_runtime(cfg, rk.make_layers(seed=16))
+    codec, pool, ssd = rt.engine.remote.codec, rt.engine.pool, rt.engine.ssd
+
+    def check(keys):
+        """Each CPU row's trailer carries the xxh3 of its bytes, which the SSD's copy recorded too."""
+        blocks = [rt.manager.index.get(k) for k in keys]
+        rows = pool.rows_with_tails([b.slots[CPU] for b in blocks])
+        expected = [xxhash.xxh3_64_intdigest(row[: pool.block_bytes], seed=k) for row, k in zip(rows, keys)]
+        assert codec.carried(rows, keys) == expected
+        assert ssd.checksums([b.slots[TierKind.SSD] for b in blocks]) == expected
+
+    a, b = rk.keys_for(16, 2), rk.keys_for(17, 2)
+    rk.store(rt, "a", a, [0, 1])
+    check(a)
+    rk.store(rt, "b", b, [2, 3])  # a leaves the CPU tier; its rows now hold b, sealed for b
+    check(b)
+    assert rk.load(rt, "a", a, [4, 5]) == (2, [])  # promoted from the SSD, not the store
+    assert rt.engine.stats().ssd["blocks_read"] == 2 and rt.engine.stats().remote["gets_hit"] == 0
+    check(a)
+
+    c = rk.keys_for(18, 2)
+    assert rt.manager.plan_store("c", c, [6, 7]) == 2
+    assert rt.engine.flush(timeout=30)  # in the CPU pool, not yet written to the SSD
+    pool.row(rt.manager.index.get(c[0]).slots[CPU])[9] ^= 0xFF
+    rt.flush(timeout=30)
+    rk.store(rt, "b", b, [2, 3])  # c leaves the CPU tier
+    assert rk.load(rt, "c", c, [8, 9]) == (2, c)  # the SSD's copy fails the arrival checksum, and takes c[1] along
+    assert rt.engine.stats().ssd["checksum_failures"] == 1
 
 def test_a_full_store_refuses_puts_and_the_runtime_keeps_serving(rk, memory, make_runtime):
     memory.capacity = 2

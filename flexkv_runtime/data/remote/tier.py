@@ -115,7 +115,7 @@ class RemoteTier:
         return done
 
     def _start_write(self, keys: Sequence[int], values: Sequence[np.ndarray]) -> Call:
-        self.codec.seal(values, keys)
+        self.codec.seal_unsealed(values, keys)
         return self.store.start_put_from(self._names(keys), values)
 
     def _finish_write(self, keys: Sequence[int], values: Sequence[np.ndarray], call: Call) -> list[bool]:
