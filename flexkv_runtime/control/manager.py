@@ -108,6 +108,9 @@ class CacheManager:
         self._all_tiers_mask = sum(1 << kind for kind in self.tiers)
         self.lower = [t for k, t in self.tiers.items() if k > CPU]
         self._write_through = write_policy == "write_through" and bool(self.lower)
+        #: keys of blocks the CPU tier's admission refused that pass through it on their way down
+        #: (write-through): in a CPU slot, unknown to its eviction policy, freed once copied down
+        self._passing: set[Hashable] = set()
         #: (kind, bit in ``Block.ready``) of every tier, fastest first
         self._tier_bits = [(kind, tier.bit) for kind, tier in self.tiers.items()]
         self.stats = ManagerStats(block_hits={k.name: 0 for k in self.tiers})
@@ -240,7 +243,7 @@ class CacheManager:
         """
         now = self.clock()
         cpu, get, ready_source, running = self.cpu, self.index.get, self._ready_source, self._ops
-        on_hit = cpu.eviction.on_hit
+        on_hit, passing = cpu.eviction.on_hit, self._passing
         block_hits = self.stats.block_hits
         loaded: list[Block] = []
         promotions: dict[TierKind, list[tuple[Block, int, int]]] = {}
@@ -253,11 +256,16 @@ class CacheManager:
             block.last_access = now
             if block.ready & CPU_BIT:
                 cpu_hits += 1
-                on_hit(key, block)
-            elif CPU in block.slots:  # on its way into the CPU tier (a prefetch): wait for it
+                if passing and key in passing:
+                    self._keep_passing(key, block)
+                else:
+                    on_hit(key, block)
+            elif CPU in block.slots:  # on its way into the CPU tier: wait for it
                 if block.arriving not in running:
                     break
                 waits.append(block.arriving)
+                if passing and key in passing:
+                    self._keep_passing(key, block)
                 cpu_hits += 1
             else:
                 source = ready_source(block)
@@ -304,9 +312,11 @@ class CacheManager:
 
         Every offered block counts as an access: one already cached is a hit and
         is touched; a new one is admitted (admission policy, then a slot, evicting
-        if needed) and copied from the engine. After the first refusal no later
-        block of the request is stored, since a prefix with a hole is not
-        reusable past the hole. Returns the number of blocks being stored.
+        if needed) and copied from the engine. Under write-through a block the
+        admission refuses still passes through a CPU slot on its way down (see
+        ``_let_pass``). After the first block that gets no slot no later block of
+        the request is stored, since a prefix with a hole is not reusable past
+        the hole. Returns the number of blocks being stored.
         """
         now = self.clock()
         cpu, index, hit_lower = self.cpu, self.index, self._hit_lower
@@ -314,6 +324,7 @@ class CacheManager:
         on_hit, on_insert = cpu.eviction.on_hit, cpu.eviction.on_insert
         protect = self.protect_prefix
         make_room, admits_all, admit, free = self._make_room, cpu.admits_all, cpu.admission.admit, cpu.free_slots
+        passing, write_through = self._passing, self._write_through
         get, create = index.get, index.create
         parent = index.chain(keys, start)
         storing: list[Block] = []
@@ -321,7 +332,7 @@ class CacheManager:
         cpu_slots: list[int] = []
         waits: list[int] = []
         refused = False
-        accesses = cpu_hits = misses = 0
+        accesses = cpu_hits = misses = passed = 0
         for key, engine_slot in zip(keys[start:], gpu_block_ids):
             block = get(key) or create(key, parent)
             parent = block
@@ -331,7 +342,9 @@ class CacheManager:
             if CPU in slots:
                 block.hits += 1
                 cpu_hits += 1
-                if block.ready & CPU_BIT:
+                if passing and key in passing:
+                    self._keep_passing(key, block)
+                elif block.ready & CPU_BIT:
                     on_hit(key, block)
                     if selective and block.hits >= self.selective_hits:
                         self._copy_down([block])
@@ -344,35 +357,53 @@ class CacheManager:
                 cpu.admission.observe(key, block, request_tokens)
                 continue
             if free and admits_all:
-                slot = free.pop()
+                slots[CPU] = free.pop()
+                on_insert(key, block)
             else:
                 previous = block.parent
                 if previous is not None and protect:
                     previous.pins += 1  # the prefix this block extends must not make its room
-                if admits_all or admit(key, block, request_tokens):
-                    slot = make_room(cpu, block, waits)
-                else:
+                admitted = admits_all or admit(key, block, request_tokens)
+                if not admitted:
                     cpu.stats.rejected += 1
-                    slot = None
+                slot = make_room(cpu, block, waits) if admitted or write_through else None
                 if previous is not None and protect:
                     previous.pins -= 1
                 if slot is None:
                     refused = True
                     continue
-            slots[CPU] = slot
-            on_insert(key, block)
+                slots[CPU] = slot
+                if admitted:
+                    on_insert(key, block)
+                else:  # written through to the slower tiers, not kept here
+                    passing.add(key)
+                    passed += 1
             storing.append(block)
             engine_slots.append(engine_slot)
-            cpu_slots.append(slot)
+            cpu_slots.append(slots[CPU])
         self.stats.block_accesses += accesses
         self.stats.block_misses += misses
         self.stats.block_hits["CPU"] += cpu_hits
         cpu.stats.hits += cpu_hits
-        cpu.stats.inserts += len(storing)
+        cpu.stats.inserts += len(storing) - passed
         if storing:
             self._new_op(STORE, GPU, CPU, storing, engine_slots, cpu_slots, request_id, waits)
         index.forget_if_unused(parent)  # the refused tail, if any
         return len(storing)
+
+    def _keep_passing(self, key: Hashable, block: Block) -> None:
+        """A block passing through the CPU tier was asked for again before it left: it stays, as a resident."""
+        self._passing.discard(key)
+        self.cpu.eviction.on_insert(key, block)
+        self.cpu.stats.inserts += 1
+
+    def _let_pass(self, blocks: list[Block]) -> None:
+        """Free the CPU slots of passing blocks that no op uses any more: their copies below are made."""
+        passing, cpu = self._passing, self.cpu
+        for block in blocks:
+            if not block.pins and block.key in passing and CPU in block.slots:
+                passing.discard(block.key)
+                cpu.release_slot(self.index.detach(block, CPU))
 
     def _hit_lower(self, block: Block) -> None:
         """Count an access served by the fastest slower tier that holds the block (one must)."""
@@ -587,6 +618,8 @@ class CacheManager:
             src_tier.stats.bytes_out += moved
         if op.kind is STORE and done and self._write_through:
             self._copy_down(done)
+        if self._passing:
+            self._let_pass(blocks)
 
         events: list[RequestDone] = []
         for dependent in self._dependents.pop(op_id, ()):
@@ -635,7 +668,10 @@ class CacheManager:
         return [RequestDone(op.request_id, group[1], failed_keys)]
 
     def _drop(self, tier: Tier, block: Block) -> None:
-        tier.eviction.on_remove(block.key)
+        if tier is self.cpu and block.key in self._passing:
+            self._passing.discard(block.key)  # its eviction policy never knew it
+        else:
+            tier.eviction.on_remove(block.key)
         slot = self.index.detach(block, tier.kind)
         tier.release_slot(slot)
         if tier.kind != CPU:
@@ -725,7 +761,8 @@ class CacheManager:
         for kind, tier in self.tiers.items():
             holders = [b for b in self.index.blocks() if kind in b.slots]
             assert len(holders) == tier.used_blocks <= tier.capacity_blocks, (kind, len(holders), tier.used_blocks)
-            assert len(tier.eviction) == tier.used_blocks, (kind, len(tier.eviction), tier.used_blocks)
+            passing = len(self._passing) if tier is self.cpu else 0
+            assert len(tier.eviction) + passing == tier.used_blocks, (kind, len(tier.eviction), tier.used_blocks)
             assert len({b.slots[kind] for b in holders}) == len(holders), f"{kind.name}: two blocks share a slot"
         for block in self.index.blocks():
             assert block.pins >= 0, block

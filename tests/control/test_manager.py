@@ -139,6 +139,44 @@ def test_a_refused_block_stops_storing_the_rest_of_the_prefix(harness):
     h.finish(op)
 
 
+
+def test_under_write_through_a_block_the_cpu_admission_refuses_passes_through_to_the_ssd(harness):
+    h = harness(tiers={"cpu": 4, "ssd": 16}, admission={"name": "frequency", "min_hits": 2})
+    h.store("warm", [1, 2])
+    h.store("warm", [1, 2])  # seen twice: residents
+    lru = h.mgr.cpu.eviction
+    assert h.mgr.plan_store("a", [1, 2, 3, 4], [0, 1, 2, 3], start=2) == 2  # refused by the CPU tier, still stored
+    [store] = h.take()
+    assert store.keys == [3, 4] and len(lru) == 2  # in CPU slots on their way down; its policy never hears
+    h.finish(store)
+    [demote] = h.take()
+    assert (demote.kind, demote.dst, demote.keys) == (OpKind.DEMOTE, SSD, [3, 4])
+    h.mgr.check_invariants()
+    h.finish(demote)
+    assert h.resident("CPU") == [1, 2] and h.resident("SSD") == [1, 2, 3, 4]
+    assert h.mgr.cpu.used_blocks == 2 and h.mgr.cpu.stats.rejected == 2 + 2  # the first store's two too
+    h.mgr.check_invariants()
+    assert h.mgr.plan_load("b", [1, 2, 3, 4], 0, [0, 1, 2, 3]) == 4  # from the SSD, promoted
+    assert [op.kind for op in h.take()] == [OpKind.PROMOTE]
+
+
+def test_a_passing_block_asked_for_again_before_it_leaves_stays_in_the_cpu_tier(harness):
+    h = harness(tiers={"cpu": 4, "ssd": 16}, admission={"name": "frequency", "min_hits": 2})
+    assert h.mgr.plan_store("a", [1, 2], [0, 1]) == 2
+    [store] = h.take()
+    assert h.mgr.plan_load("b", [1, 2], 0, [4, 5]) == 2  # waits for the store
+    h.settle()
+    assert h.resident("CPU") == [1, 2] and len(h.mgr.cpu.eviction) == 2
+    h.mgr.check_invariants()
+
+
+@pytest.mark.parametrize("tiers, write_policy", [({"cpu": 4}, "write_through"),
+                                                 ({"cpu": 4, "ssd": 16}, "write_back")])
+def test_with_nothing_written_through_a_refused_block_is_not_stored(harness, tiers, write_policy):
+    h = harness(tiers=tiers, write_policy=write_policy, admission={"name": "frequency", "min_hits": 2})
+    n, _ = h.store("a", [1, 2])
+    assert n == 0 and h.resident("CPU") == [] and h.mgr.cpu.stats.rejected == 1
+
 def test_reset_forgets_everything_unpinned(harness):
     h = harness(tiers={"cpu": 4, "ssd": 4})
     h.store("a", [1, 2])

@@ -37,6 +37,21 @@ def test_round_trip_is_byte_exact(make_driver, kv, tmp_path, head_size, direct_i
     assert d.mgr.pinned_blocks() == 0
 
 
+
+def test_blocks_the_cpu_tier_refuses_pass_through_it_to_the_ssd_byte_exactly(make_driver, kv, tmp_path):
+    cfg = kv.config(tmp_path / "ssd") | {"admission": {"name": "frequency", "min_hits": 2}}
+    src = kv.make_layers(seed=3)
+    d = make_driver(cfg, src)
+    a = kv.keys_for(3, 4)
+    d.store("a", a, [0, 1, 2, 3])  # first sighting: not kept in the CPU tier, written through
+    assert d.ready(a, kv.CPU) == [] and d.ready(a, kv.SSD) == a
+    assert d.mgr.cpu.used_blocks == 0 and d.mgr.cpu.stats.rejected == 4
+    dst = kv.make_layers(zero=True)
+    assert d.load("a-again", a, [8, 9, 10, 11], into=dst) == (4, [])
+    assert kv.same_blocks(dst, [8, 9, 10, 11], src, [0, 1, 2, 3])
+    d.mgr.check_invariants()
+    assert d.mgr.pinned_blocks() == 0
+
 def test_restart_adopts_blocks_of_the_same_namespace_only(make_driver, kv, tmp_path):
     src = kv.make_layers()
     a = kv.keys_for(1, 4)
