@@ -8,10 +8,10 @@ size, alternates in each repetition:
 - ours: ``RemoteTier.write`` and ``read`` of ``--batch`` blocks from and into a
   CPU pool, the calls ``TransferEngine``'s CPU->REMOTE and REMOTE->CPU workers
   make for one op (trailers, the reader's checksums, the timeout guard and its
-  thread). The runtime seals a block (hashes it into its trailer) when it lands
-  in the CPU pool, on the GPU->CPU link, not in the put; so the sealing of each
-  repetition's blocks is timed apart, before the store, and ``store+seal``
-  counts it in, as if the put paid for it;
+  thread). The runtime seals a block (hashes it into its trailer) once it is in
+  the CPU pool, on a sealer thread that runs alongside the links, not in the
+  put; so the sealing of each repetition's blocks is timed apart, before the
+  store, and ``store+seal`` counts it in, as if the put paid for it;
 - raw: the backend's own client doing the same batch calls on the same bytes:
   Mooncake ``batch_put_from`` / ``batch_get_into`` on a registered buffer
   (zero-copy), Redis a pipeline of ``SET``s from the buffer rows and one
@@ -76,7 +76,7 @@ class Ours:
         self.targets = self.pool.rows_with_tails(list(range(batch, 2 * batch)))
 
     def arrive(self, keys: list[int]) -> None:
-        """What the GPU->CPU worker does once blocks have landed in the pool: seal them."""
+        """What the sealer thread does once blocks from the engine are in the pool."""
         self.tier.codec.seal(self.sources, keys)
 
     def store(self, keys: list[int]) -> None:

@@ -13,8 +13,12 @@ On CUDA, GPU copies run on a side stream per link, ordered after the work the
 engine had queued on its current stream when the op was submitted.
 
 With a remote tier, a block is sealed (its trailer written, checksum included)
-as it lands in the CPU pool, so puts send rows as they are and SSD writes reuse
-the checksum: one hash per block, however many tiers it reaches.
+once it is in the CPU pool, so puts send rows as they are and SSD writes reuse
+the checksum: one hash per block, however many tiers it reaches. A block from
+the engine is hashed by a sealer thread after its store op is reported done, so
+the engine gets its KV blocks back at copy speed; a write out of a row waits for
+the row's seal. An SSD read seals with the checksum it verified, and a remote
+read brings its trailer along.
 
 A remote get that outlives the tier's timeout is reported failed but may still
 land in its CPU rows later; until it ends those rows are *fenced*: any op that
@@ -28,7 +32,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -129,6 +133,9 @@ class TransferEngine:
         self._logged: set[str] = set()
         #: CPU row -> remote gets past their deadline that may still write into it
         self._fenced: dict[int, int] = {}
+        #: CPU row -> the sealing of the block last gathered into it (remote tier only)
+        self._seals: dict[int, Future] = {}
+        self._sealer = ThreadPoolExecutor(1, thread_name_prefix="flexkv-seal") if remote is not None else None
         self._stopping = False
         self._workers = [
             threading.Thread(target=self._work, args=(link,), name=f"flexkv-xfer-{link}", daemon=True)
@@ -205,14 +212,14 @@ class TransferEngine:
             return self._cv.wait_for(lambda: self._pending.isdisjoint(ids), timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Block until every submitted op is finished; False on timeout."""
+        """Block until every submitted op is finished and every gathered block sealed; False on timeout."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self._pending, timeout)
+            return self._cv.wait_for(lambda: not self._pending and not self._seals, timeout)
 
     @property
     def busy(self) -> bool:
         with self._cv:
-            return bool(self._pending)
+            return bool(self._pending or self._seals)
 
     def shutdown(self) -> None:
         """Stop the workers after their current op and close the SSD store; queued ops are abandoned."""
@@ -226,6 +233,8 @@ class TransferEngine:
             log.warning("transfer engine shut down with %d ops still queued; they never run", abandoned)
         for worker in self._workers:
             worker.join()
+        if self._sealer is not None:
+            self._sealer.shutdown()
         if self.ssd is not None:
             self.ssd.close()
         if self.remote is not None:
@@ -318,9 +327,30 @@ class TransferEngine:
         with self._gpu_side(GPU_TO_CPU, job):
             kernels.gather_blocks(self._engine_layers(), op.src_slots, self.pool.tensor, op.dst_slots, self.backend)
         self._synchronize(GPU_TO_CPU)
-        if self.remote is not None:  # sealed on arrival: later puts and SSD writes reuse the checksum
-            self.remote.codec.seal(self.pool.rows_with_tails(op.dst_slots), op.keys)
+        if self._sealer is not None:
+            self._seal_later(list(op.dst_slots), list(op.keys))
         return set()
+
+    def _seal_later(self, rows: list[int], keys: list[Hashable]) -> None:
+        """Hash the rows into their trailers on the sealer thread; writes out of them wait (``_await_seals``)."""
+        sealing = self._sealer.submit(self.remote.codec.seal, self.pool.rows_with_tails(rows), keys)
+        with self._cv:
+            for row in rows:
+                self._seals[row] = sealing
+        sealing.add_done_callback(lambda done: self._sealed(rows, done))
+
+    def _sealed(self, rows: list[int], sealing: Future) -> None:
+        with self._cv:
+            for row in rows:
+                if self._seals.get(row) is sealing:  # not yet another block's
+                    del self._seals[row]
+            self._cv.notify_all()
+
+    def _await_seals(self, rows: Sequence[int]) -> None:
+        with self._cv:
+            pending = {self._seals[row] for row in rows if row in self._seals}
+        for sealing in pending:
+            sealing.result()
 
     def _scatter(self, job: _Job) -> set[Hashable]:
         op = job.op
@@ -338,6 +368,7 @@ class TransferEngine:
         op = job.op
         checksums = None
         if self.remote is not None:  # the rows' trailers carry their checksums
+            self._await_seals(op.src_slots)
             checksums = self.remote.codec.carried(self.pool.rows_with_tails(op.src_slots), op.keys)
         ok = self.ssd.write(op.dst_slots, op.keys, job.parents, self.pool.rows(op.src_slots), checksums)
         return {key for key, good in zip(op.keys, ok) if not good}
@@ -354,6 +385,7 @@ class TransferEngine:
 
     def _write_remote(self, job: _Job) -> set[Hashable]:
         op = job.op
+        self._await_seals(op.src_slots)
         stored = self.remote.write(op.keys, self.pool.rows_with_tails(op.src_slots))
         return {key for key, good in zip(op.keys, stored) if not good}
 

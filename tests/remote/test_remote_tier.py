@@ -132,6 +132,32 @@ def test_a_block_is_sealed_on_arrival_so_bytes_damaged_in_dram_later_are_never_s
     assert rk.same_blocks(dst, [4], src, [0]) and b.engine.stats().remote["gets_corrupt"] == 1
 
 
+
+def test_a_store_is_done_before_its_blocks_are_hashed_and_their_put_waits_for_the_seal(rk, memory, make_runtime):
+    src = rk.make_layers(seed=19)
+    a = make_runtime(config(timeout_s=10.0), src)
+    keys = rk.keys_for(19, 2)
+    sealer_free = threading.Event()
+    a.engine._sealer.submit(sealer_free.wait)  # the sealer thread is busy elsewhere
+    try:
+        assert a.manager.plan_store("r", keys, [0, 1]) == 2
+        deadline = time.monotonic() + 10
+        done = []
+        while not done:  # the engine has its blocks back: the copy is done, the hashing is not
+            assert time.monotonic() < deadline, "the store never finished"
+            done = [e for e in a.poll() if e.kind is OpKind.STORE]
+            time.sleep(0.01)
+        assert a.engine.busy and memory.calls == 0  # the put waits for the seal
+    finally:
+        sealer_free.set()
+    a.flush(timeout=30)
+    assert a.engine.stats().remote["puts_stored"] == 2
+    dst = rk.make_layers(zero=True)
+    b = make_runtime(config(), dst)
+    assert rk.discover(b, "r", keys) == 2
+    assert rk.load(b, "r", keys, [4, 5]) == (2, [])
+    assert rk.same_blocks(dst, [4, 5], src, [0, 1])
+
 def test_ssd_and_remote_copies_share_the_checksum_taken_on_arrival_and_ssd_reads_reseal(rk, memory, make_runtime,
                                                                                         tmp_path):
     cfg = config(cpu_blocks=2) | {"ssd": {"capacity_blocks": 8, "dirs": [str(tmp_path)], "fsync": "none"}}
