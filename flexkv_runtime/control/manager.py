@@ -764,6 +764,9 @@ class CacheManager:
             passing = len(self._passing) if tier is self.cpu else 0
             assert len(tier.eviction) + passing == tier.used_blocks, (kind, len(tier.eviction), tier.used_blocks)
             assert len({b.slots[kind] for b in holders}) == len(holders), f"{kind.name}: two blocks share a slot"
+        for key in self._passing:  # on its way down: an op holds it, or its slot would never be freed
+            block = self.index.get(key)
+            assert block is not None and CPU in block.slots and block.pins > 0, f"passing block {block} is stuck"
         for block in self.index.blocks():
             assert block.pins >= 0, block
             assert self.index.get(block.key) is block
