@@ -333,8 +333,8 @@ class TransferEngine:
 
     def _seal_later(self, rows: list[int], keys: list[Hashable]) -> None:
         """Hash the rows into their trailers on the sealer thread; writes out of them wait (``_await_seals``)."""
-        sealing = self._sealer.submit(self.remote.codec.seal, self.pool.rows_with_tails(rows), keys)
         with self._cv:
+            sealing = self._sealer.submit(self.remote.codec.seal, self.pool.rows_with_tails(rows), keys)
             for row in rows:
                 self._seals[row] = sealing
         sealing.add_done_callback(lambda done: self._sealed(rows, done))
@@ -375,6 +375,8 @@ class TransferEngine:
 
     def _read_ssd(self, job: _Job) -> set[Hashable]:
         op = job.op
+        if self.remote is not None:  # a late seal of the rows' last block must not land on this one's trailer
+            self._await_seals(op.dst_slots)
         ok = self.ssd.read(op.src_slots, op.keys, self.pool.rows(op.dst_slots))
         if self.remote is not None:  # the read verified these checksums: seal the rows with them
             read = [i for i, good in enumerate(ok) if good]
@@ -391,6 +393,7 @@ class TransferEngine:
 
     def _read_remote(self, job: _Job) -> set[Hashable]:
         op = job.op
+        self._await_seals(op.dst_slots)
         hits, stragglers = self.remote.read(op.keys, self.pool.rows_with_tails(op.dst_slots))
         for straggler in stragglers:
             self._fence(list(op.dst_slots), straggler)

@@ -8,9 +8,9 @@ match all four is a miss, never served. Keys carry the namespace tag too, so
 engines of different models, dtypes, layouts or TP ranks never even look at
 each other's values.
 
-A block is sealed once, when it lands in the CPU pool (the transfer engine
-does it after a copy from the engine, and with the SSD's own checksum after an
-SSD read; a remote read brings its trailer along). A put then sends the row as
+A block is sealed once it is in the CPU pool (the transfer engine's sealer
+thread hashes blocks copied from the engine, an SSD read seals with the
+checksum it verified, a remote read brings its trailer along). A put then sends the row as
 it is, and an SSD write reuses the checksum, so a block is hashed once however
 many tiers it goes to, and bytes that change in DRAM after arrival fail the
 reader's check instead of being sealed as good.
