@@ -401,7 +401,7 @@ class CacheManager:
         """Free the CPU slots of passing blocks that no op uses any more: their copies below are made."""
         passing, cpu = self._passing, self.cpu
         for block in blocks:
-            if not block.pins and block.key in passing and CPU in block.slots:
+            if not block.pins and block.key in passing:
                 passing.discard(block.key)
                 cpu.release_slot(self.index.detach(block, CPU))
 
@@ -710,6 +710,11 @@ class CacheManager:
 
     def pinned_blocks(self) -> int:
         return sum(1 for b in self.index.blocks() if b.pins)
+
+    def is_passing(self, key: Hashable) -> bool:
+        """Whether the block is only passing through the CPU tier (refused there, on its way down):
+        in a CPU slot, but no resident of the tier as far as its eviction policy knows."""
+        return key in self._passing
 
     def reset(self) -> int:
         """Forget every block no op is using (``reset_cache``); returns how many copies were dropped."""

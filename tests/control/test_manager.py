@@ -139,7 +139,6 @@ def test_a_refused_block_stops_storing_the_rest_of_the_prefix(harness):
     h.finish(op)
 
 
-
 def test_under_write_through_a_block_the_cpu_admission_refuses_passes_through_to_the_ssd(harness):
     h = harness(tiers={"cpu": 4, "ssd": 16}, admission={"name": "frequency", "min_hits": 2})
     h.store("warm", [1, 2])
@@ -170,12 +169,26 @@ def test_a_passing_block_asked_for_again_before_it_leaves_stays_in_the_cpu_tier(
     h.mgr.check_invariants()
 
 
+
+def test_a_leaf_first_policy_does_not_count_a_child_passing_through_as_resident(harness):
+    h = harness(tiers={"cpu": 2, "ssd": 8}, eviction="prefix_lru", admission={"name": "frequency", "min_hits": 2})
+    h.store("a", [3])
+    h.store("a", [3])  # a resident now
+    assert h.mgr.plan_store("b", [3, 9, 27], [0, 1, 2]) == 2  # 9 and 27 pass through
+    assert h.mgr.is_passing(9) and h.mgr.is_passing(27)
+    h.mgr.check_invariants()
+    h.settle()
+    assert not h.mgr.is_passing(9) and h.mgr.cpu.used_blocks == len(h.mgr.cpu.eviction)
+    assert h.resident("SSD") == [3, 9, 27]
+    assert h.mgr.lookup([3, 9, 27]).ready_blocks == 3  # the whole prefix is still served, from the SSD as needed
+
 @pytest.mark.parametrize("tiers, write_policy", [({"cpu": 4}, "write_through"),
                                                  ({"cpu": 4, "ssd": 16}, "write_back")])
 def test_with_nothing_written_through_a_refused_block_is_not_stored(harness, tiers, write_policy):
     h = harness(tiers=tiers, write_policy=write_policy, admission={"name": "frequency", "min_hits": 2})
     n, _ = h.store("a", [1, 2])
     assert n == 0 and h.resident("CPU") == [] and h.mgr.cpu.stats.rejected == 1
+
 
 def test_reset_forgets_everything_unpinned(harness):
     h = harness(tiers={"cpu": 4, "ssd": 4})

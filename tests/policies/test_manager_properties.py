@@ -87,7 +87,9 @@ class Program:
             tier.eviction.victim = self._checked(kind, tier.eviction.victim)
 
     def _evictable(self, block, kind):
-        leaf = not self.leaf_first or self.mgr.index.resident_children(block, kind) == 0
+        leaf = not self.leaf_first or not any(  # a child passing through the CPU tier is no resident of it
+            b.parent is block and kind in b.slots and not (kind == TierKind.CPU and self.mgr.is_passing(b.key))
+            for b in self.mgr.index.blocks())
         return kind in block.slots and block.pins == 0 and block.ready_in(kind) and leaf
 
     def _checked(self, kind, choose):

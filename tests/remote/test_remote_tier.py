@@ -114,7 +114,6 @@ def test_corrupt_and_foreign_values_are_misses_never_served(rk, memory, make_run
     assert stranger.engine.stats().remote["gets_corrupt"] == 1
 
 
-
 def test_a_block_is_sealed_on_arrival_so_bytes_damaged_in_dram_later_are_never_served(rk, memory, make_runtime):
     src = rk.make_layers(seed=15)
     a = make_runtime(config(), src)
@@ -130,7 +129,6 @@ def test_a_block_is_sealed_on_arrival_so_bytes_damaged_in_dram_later_are_never_s
     assert rk.discover(b, "r", keys) == 2
     assert rk.load(b, "r", keys, [4, 5]) == (2, keys[1:])  # the put sent the damage with the arrival checksum
     assert rk.same_blocks(dst, [4], src, [0]) and b.engine.stats().remote["gets_corrupt"] == 1
-
 
 
 def test_a_store_is_done_before_its_blocks_are_hashed_and_their_put_waits_for_the_seal(rk, memory, make_runtime):
@@ -157,6 +155,7 @@ def test_a_store_is_done_before_its_blocks_are_hashed_and_their_put_waits_for_th
     assert rk.discover(b, "r", keys) == 2
     assert rk.load(b, "r", keys, [4, 5]) == (2, [])
     assert rk.same_blocks(dst, [4, 5], src, [0, 1])
+
 
 def test_ssd_and_remote_copies_share_the_checksum_taken_on_arrival_and_ssd_reads_reseal(rk, memory, make_runtime,
                                                                                         tmp_path):
@@ -189,6 +188,7 @@ def test_ssd_and_remote_copies_share_the_checksum_taken_on_arrival_and_ssd_reads
     rk.store(rt, "b", b, [2, 3])  # c leaves the CPU tier
     assert rk.load(rt, "c", c, [8, 9]) == (2, c)  # the SSD's copy fails the arrival checksum, and takes c[1] along
     assert rt.engine.stats().ssd["checksum_failures"] == 1
+
 
 def test_a_full_store_refuses_puts_and_the_runtime_keeps_serving(rk, memory, make_runtime):
     memory.capacity = 2

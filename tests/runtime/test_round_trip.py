@@ -37,7 +37,6 @@ def test_round_trip_is_byte_exact(make_driver, kv, tmp_path, head_size, direct_i
     assert d.mgr.pinned_blocks() == 0
 
 
-
 def test_blocks_the_cpu_tier_refuses_pass_through_it_to_the_ssd_byte_exactly(make_driver, kv, tmp_path):
     cfg = kv.config(tmp_path / "ssd") | {"admission": {"name": "frequency", "min_hits": 2}}
     src = kv.make_layers(seed=3)
@@ -51,6 +50,7 @@ def test_blocks_the_cpu_tier_refuses_pass_through_it_to_the_ssd_byte_exactly(mak
     assert kv.same_blocks(dst, [8, 9, 10, 11], src, [0, 1, 2, 3])
     d.mgr.check_invariants()
     assert d.mgr.pinned_blocks() == 0
+
 
 def test_restart_adopts_blocks_of_the_same_namespace_only(make_driver, kv, tmp_path):
     src = kv.make_layers()
