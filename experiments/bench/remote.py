@@ -1,17 +1,19 @@
 """REMOTE tier throughput (batch store and load through our tier code) against each store's own client.
 
-`python -m experiments bench remote [--backends mooncake,redis --value-mib 1,4 --batch 16 --reps 6]`.
+`python -m experiments bench remote [--backends mooncake,redis --value-mib 1,4 --batch 16 --ops 4 --reps 12]`.
 Starts each store on free loopback ports (Mooncake: a master and one storage
 node, TCP, P2P handshake; Redis without persistence), then, for every value
-size, alternates in each repetition:
+size, alternates in each repetition, each side running ``--ops`` ops of
+``--batch`` blocks back to back:
 
-- ours: ``RemoteTier.write`` and ``read`` of ``--batch`` blocks from and into a
+- ours: ``RemoteTier.write`` and ``read`` of each op's blocks from and into a
   CPU pool, the calls ``TransferEngine``'s CPU->REMOTE and REMOTE->CPU workers
-  make for one op (trailers, the reader's checksums, the timeout guard and its
-  thread). The runtime seals a block (hashes it into its trailer) once it is in
-  the CPU pool, on a sealer thread that runs alongside the links, not in the
-  put; so the sealing of each repetition's blocks is timed apart, before the
-  store, and ``store+seal`` counts it in, as if the put paid for it;
+  make (trailers, the reader's checksums, the timeout guard and its thread).
+  The runtime seals a block (hashes it into its trailer) once it is in the CPU
+  pool, on a sealer thread that runs alongside the links. ``store`` times the
+  link alone (the blocks sealed beforehand); ``store+seal`` times the ops as the
+  runtime runs them, a sealer thread sealing the next op's blocks while this
+  op's are put, the first op's sealing included;
 - raw: the backend's own client doing the same batch calls on the same bytes:
   Mooncake ``batch_put_from`` / ``batch_get_into`` on a registered buffer
   (zero-copy), Redis a pipeline of ``SET``s from the buffer rows and one
@@ -26,11 +28,14 @@ other load on the machine cancels out. The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +48,7 @@ from experiments.local_stores import LocalStore, start_store
 
 MIB = 1 << 20
 NAMESPACE = Namespace(model="bench-remote")
+OPS = ("store", "store+seal", "load")
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -50,68 +56,117 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--backends", default="mooncake,redis", help="comma-separated: mooncake, redis")
     parser.add_argument("--value-mib", default="1,4", help="comma-separated block sizes, MiB")
     parser.add_argument("--batch", type=int, default=16, help="blocks per batch call (one transfer op)")
-    parser.add_argument("--reps", type=int, default=8, help="repetitions per size, ours and raw alternating")
+    parser.add_argument("--ops", type=int, default=4, help="ops per side and repetition, back to back")
+    parser.add_argument("--reps", type=int, default=12, help="repetitions per size, ours and raw alternating")
     parser.add_argument("--batch-mib", type=float, default=None,
                         help="the tier's remote.batch_bytes, MiB (default: the runtime's default)")
     args = parser.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.block_bytes = [int(float(v) * MIB) for v in args.value_mib.split(",")]
     args.batch_bytes = None if args.batch_mib is None else int(args.batch_mib * MIB)
-    if args.batch <= 0 or args.reps <= 0 or not args.backends or min(args.block_bytes) <= 0:
-        parser.error("--batch, --reps and --value-mib must be positive, --backends not empty")
+    if args.batch <= 0 or args.ops <= 0 or args.reps <= 0 or not args.backends or min(args.block_bytes) <= 0:
+        parser.error("--batch, --ops, --reps and --value-mib must be positive, --backends not empty")
     return args
 
 
 class Ours:
-    """The REMOTE tier's own calls, as ``TransferEngine``'s CPU<->REMOTE workers make them for an op."""
+    """The REMOTE tier's own calls, as ``TransferEngine``'s CPU<->REMOTE workers make them for its ops."""
 
-    def __init__(self, store: LocalStore, block_bytes: int, batch: int, batch_bytes: int | None) -> None:
-        self.pool = CpuPool(2 * batch, block_bytes, tail_bytes=TRAILER_BYTES, pin=False)
+    def __init__(self, store: LocalStore, block_bytes: int, batch: int, ops: int, batch_bytes: int | None) -> None:
+        self.pool = CpuPool((ops + 1) * batch, block_bytes, tail_bytes=TRAILER_BYTES, pin=False)
         self.pool.tensor.random_(0, 256)
         remote = validated_remote(store.remote(timeout_s=30.0, **({} if batch_bytes is None else
                                                                    {"batch_bytes": batch_bytes})))
         self.tier = RemoteTier(open_store(remote), NAMESPACE, block_bytes, batch_bytes=remote["batch_bytes"])
         self.tier.attach(self.pool.memory)
-        self.sources = self.pool.rows_with_tails(list(range(batch)))
-        self.targets = self.pool.rows_with_tails(list(range(batch, 2 * batch)))
+        self.sources = [self.pool.rows_with_tails(list(range(op * batch, (op + 1) * batch))) for op in range(ops)]
+        self.targets = self.pool.rows_with_tails(list(range(ops * batch, (ops + 1) * batch)))
+        self.sealer = ThreadPoolExecutor(1, thread_name_prefix="flexkv-seal")
 
-    def arrive(self, keys: list[int]) -> None:
-        """What the sealer thread does once blocks from the engine are in the pool."""
-        self.tier.codec.seal(self.sources, keys)
+    def seal(self, keys: list[list[int]]) -> None:
+        """What the runtime's sealer thread does once the ops' blocks from the engine are in the pool."""
+        for rows, op_keys in zip(self.sources, keys):
+            self.tier.codec.seal(rows, op_keys)
 
-    def store(self, keys: list[int]) -> None:
-        if not all(self.tier.write(keys, self.sources)):
+    def store(self, keys: list[list[int]]) -> None:
+        for rows, op_keys in zip(self.sources, keys):
+            self._write(op_keys, rows)
+
+    def store_sealing(self, keys: list[list[int]]) -> None:
+        """The ops as the runtime runs them: the sealer seals the next op's blocks while this op's are put."""
+        seal = self.tier.codec.seal
+        sealing = self.sealer.submit(seal, self.sources[0], keys[0])
+        for op, (rows, op_keys) in enumerate(zip(self.sources, keys)):
+            sealing.result()
+            if op + 1 < len(keys):
+                sealing = self.sealer.submit(seal, self.sources[op + 1], keys[op + 1])
+            self._write(op_keys, rows)
+
+    def _write(self, keys: list[int], rows: list[np.ndarray]) -> None:
+        if not all(self.tier.write(keys, rows)):
             raise RuntimeError("store: blocks failed; see the log")
 
-    def load(self, keys: list[int]) -> None:
-        hits, _ = self.tier.read(keys, self.targets)
-        if not all(hits):
-            raise RuntimeError("load: blocks failed; see the log")
+    def load(self, keys: list[list[int]]) -> None:
+        for op_keys in keys:
+            hits, _ = self.tier.read(op_keys, self.targets)
+            if not all(hits):
+                raise RuntimeError("load: blocks failed; see the log")
 
     def check(self) -> None:
-        if not all(np.array_equal(a, b) for a, b in zip(self.sources, self.targets)):
+        """The last op loaded is the last one stored: its blocks are back, byte for byte."""
+        if not all(np.array_equal(a, b) for a, b in zip(self.sources[-1], self.targets)):
             raise RuntimeError("blocks loaded back differ from those stored")
 
     def close(self) -> None:
+        self.sealer.shutdown()
         self.tier.close()
 
 
-class RawMooncake:
-    def __init__(self, store: LocalStore, block_bytes: int, batch: int) -> None:
+class Raw(ABC):
+    """The backend's own client: ``ops`` batches of source rows and one of target rows."""
+
+    def __init__(self, block_bytes: int, batch: int, ops: int) -> None:
+        self.block_bytes, self.batch = block_bytes, batch
+        self.rows = np.random.default_rng(0).integers(0, 256, ((ops + 1) * batch, block_bytes), dtype=np.uint8)
+        self.sources = [self.rows[op * batch : (op + 1) * batch] for op in range(ops)]
+        self.targets = self.rows[ops * batch :]
+
+    def store(self, names: list[list[str]]) -> None:
+        for rows, op_names in zip(self.sources, names):
+            self.put(op_names, rows)
+
+    def load(self, names: list[list[str]]) -> None:
+        for op_names in names:
+            self.get(op_names)
+
+    @abstractmethod
+    def put(self, names: list[str], rows: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def get(self, names: list[str]) -> None:
+        """Into the target rows."""
+
+    @abstractmethod
+    def delete(self, names: list[str]) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class RawMooncake(Raw):
+    def __init__(self, store: LocalStore, block_bytes: int, batch: int, ops: int) -> None:
+        super().__init__(block_bytes, batch, ops)
         self.client = store.raw()
-        self.block_bytes = block_bytes
-        self.rows = np.random.default_rng(0).integers(0, 256, (2 * batch, block_bytes), dtype=np.uint8)
         if self.client.register_buffer(self.rows.ctypes.data, self.rows.nbytes) != 0:
             raise RuntimeError("Mooncake register_buffer failed")
-        self.src = [row.ctypes.data for row in self.rows[:batch]]
-        self.dst = [row.ctypes.data for row in self.rows[batch:]]
+        self.dst = [row.ctypes.data for row in self.targets]
 
-    def store(self, names: list[str]) -> None:
-        codes = self.client.batch_put_from(names, self.src, [self.block_bytes] * len(names))
+    def put(self, names: list[str], rows: np.ndarray) -> None:
+        codes = self.client.batch_put_from(names, [row.ctypes.data for row in rows], [self.block_bytes] * len(names))
         if any(codes):
             raise RuntimeError(f"raw Mooncake put failed: {codes}")
 
-    def load(self, names: list[str]) -> None:
+    def get(self, names: list[str]) -> None:
         codes = self.client.batch_get_into(names, self.dst, [self.block_bytes] * len(names))
         if any(code != self.block_bytes for code in codes):
             raise RuntimeError(f"raw Mooncake get failed: {codes}")
@@ -123,21 +178,20 @@ class RawMooncake:
         self.client.unregister_buffer(self.rows.ctypes.data)
 
 
-class RawRedis:
-    def __init__(self, store: LocalStore, block_bytes: int, batch: int) -> None:
+class RawRedis(Raw):
+    def __init__(self, store: LocalStore, block_bytes: int, batch: int, ops: int) -> None:
+        super().__init__(block_bytes, batch, ops)
         self.client = store.raw()
-        self.rows = np.random.default_rng(0).integers(0, 256, (2 * batch, block_bytes), dtype=np.uint8)
-        self.batch = batch
 
-    def store(self, names: list[str]) -> None:
+    def put(self, names: list[str], rows: np.ndarray) -> None:
         pipe = self.client.pipeline(transaction=False)
-        for name, row in zip(names, self.rows):
+        for name, row in zip(names, rows):
             pipe.set(name, memoryview(row))
         if not all(pipe.execute()):
             raise RuntimeError("raw Redis SET failed")
 
-    def load(self, names: list[str]) -> None:
-        for value, row in zip(self.client.mget(names), self.rows[self.batch :]):
+    def get(self, names: list[str]) -> None:
+        for value, row in zip(self.client.mget(names), self.targets):
             row[:] = np.frombuffer(value, np.uint8)
 
     def delete(self, names: list[str]) -> None:
@@ -157,28 +211,39 @@ def _timed(call: Callable[[], None]) -> float:
 
 
 def bench_backend(backend: str, args: argparse.Namespace, log_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """GB/s per op and side, one figure per repetition (sizes one after the other)."""
-    rates = {op: {"ours": [], "raw": []} for op in ("store", "store+seal", "load")}
+    """GB/s per op kind and side, one figure per repetition (sizes one after the other)."""
+    rates: dict[str, dict[str, list[float]]] = {op: {"ours": [], "raw": []} for op in OPS}
+    batch, ops = args.batch, args.ops
+    fresh = itertools.count(1)
     with start_store(backend, log_dir, segment="2 GB") as store:
         for block_bytes in args.block_bytes:
-            ours = Ours(store, block_bytes, args.batch, args.batch_bytes)
-            raw = RAW[backend](store, block_bytes, args.batch)
+            ours = Ours(store, block_bytes, batch, ops, args.batch_bytes)
+            raw = RAW[backend](store, block_bytes, batch, ops)
+            payload = ops * batch * block_bytes
             try:
                 for rep in range(-1, args.reps):  # rep -1 warms connections and the store's memory up
-                    keys = [(rep + 2) * 1_000_003 + block_bytes + i for i in range(args.batch)]
-                    raw_names = [f"bench-raw/{block_bytes}/{rep}/{i}" for i in range(args.batch)]
-                    sides = [("ours", ours, keys), ("raw", raw, raw_names)]
-                    for op in ("store", "load"):
-                        for side, impl, names in sides if rep % 2 else sides[::-1]:
-                            sealing = _timed(lambda: ours.arrive(keys)) if op == "store" and side == "ours" else 0.0
-                            took = _timed(lambda: getattr(impl, op)(names))
+                    # fresh keys for both kinds of store (a put of a stored key is not a put); loads read the last
+                    keys = {kind: [[next(fresh) for _ in range(batch)] for _ in range(ops)] for kind in OPS[:2]}
+                    names = {kind: [[f"bench-raw/{next(fresh)}" for _ in range(batch)] for _ in range(ops)]
+                             for kind in OPS[:2]}
+                    ours.seal(keys["store"])
+                    calls = {
+                        "store": (lambda: ours.store(keys["store"]), lambda: raw.store(names["store"])),
+                        "store+seal": (lambda: ours.store_sealing(keys["store+seal"]),
+                                       lambda: raw.store(names["store+seal"])),
+                        "load": (lambda: ours.load(keys["store+seal"]), lambda: raw.load(names["store+seal"])),
+                    }
+                    for kind, (ours_call, raw_call) in calls.items():
+                        sides = [("ours", ours_call), ("raw", raw_call)]
+                        for side, call in sides if rep % 2 else sides[::-1]:
+                            took = _timed(call)
                             if rep >= 0:
-                                rates[op][side].append(args.batch * block_bytes / took / 1e9)
-                                if op == "store":
-                                    rates["store+seal"][side].append(args.batch * block_bytes / (took + sealing) / 1e9)
+                                rates[kind][side].append(payload / took / 1e9)
                     if rep == -1:
                         ours.check()
-                    raw.delete(raw_names + [remote_key(NAMESPACE, k) for k in keys])
+                    raw.delete([n for kind in names.values() for op_names in kind for n in op_names]
+                               + [remote_key(NAMESPACE, k) for kind in keys.values() for op_keys in kind
+                                  for k in op_keys])
             finally:
                 ours.close()
                 raw.close()
@@ -191,7 +256,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="flexkv-bench-remote-") as log_dir:
         for backend in args.backends:
             rates = bench_backend(backend, args, Path(log_dir))
-            print(f"{backend}: {args.batch} blocks per batch, sizes {args.value_mib} MiB, {args.reps} repetitions")
+            print(f"{backend}: {args.ops} ops of {args.batch} blocks, sizes {args.value_mib} MiB, {args.reps} repetitions")
             print(f"{'op':<11}{'ours GB/s':>11}{'raw GB/s':>10}{'ours/raw':>10}")
             for op, sides in rates.items():
                 ours, raw = statistics.median(sides["ours"]), statistics.median(sides["raw"])
@@ -200,8 +265,7 @@ def main(argv: list[str]) -> int:
                 name = op.replace("+", "_with_")
                 result[f"{backend}_{name}_ratio"] = round(ratio, 4)
                 result[f"{backend}_{name}_gbps"] = round(ours, 4)
-                if op != "store+seal":
-                    result[f"{backend}_raw_{op}_gbps"] = round(raw, 4)
-    result |= {"batch": args.batch, "value_mib": args.value_mib, "reps": args.reps}
+                result[f"{backend}_raw_{name}_gbps"] = round(raw, 4)
+    result |= {"batch": args.batch, "ops": args.ops, "value_mib": args.value_mib, "reps": args.reps}
     print(json.dumps(result))
     return 0

@@ -1,6 +1,8 @@
 """The REMOTE tier on real stores (Mooncake Store, Redis) on loopback: sharing across processes, damaged
 values, a store that dies, hangs or fills up. Servers run on free ports and are stopped by PID."""
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -210,3 +212,22 @@ def test_a_full_store_refuses_puts_and_the_runtime_serves_on(backend, options, r
         assert rk.same_blocks(dst, range(60), src, range(60))
     finally:
         full.kill()
+
+
+
+def test_the_remote_benchmark_runs_both_stores_checks_its_round_trip_and_ends_with_its_figures():
+    """`bench remote` as a user runs it, at toy sizes: every figure the issue names, positive."""
+    from experiments.local_stores import mooncake_binary
+
+    if shutil.which("redis-server") is None or importlib.util.find_spec("redis") is None \
+            or mooncake_binary("mooncake_master") is None or mooncake_binary("mooncake_client") is None:
+        pytest.skip("Redis or Mooncake is not installed; .ci/run installs both")
+    done = subprocess.run([sys.executable, "-m", "experiments", "bench", "remote", "--value-mib", "0.0625",
+                           "--batch", "4", "--ops", "2", "--reps", "2"], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    for backend in ("mooncake", "redis"):
+        for op in ("load", "store", "store_with_seal"):
+            assert figures[f"{backend}_{op}_ratio"] > 0 and figures[f"{backend}_raw_{op}_gbps"] > 0
+    assert figures["ops"] == 2 and figures["reps"] == 2
