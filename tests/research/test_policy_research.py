@@ -64,6 +64,28 @@ def test_the_class_ttl_bound_orders_feature_sets():
     assert huge == pytest.approx(workload.infinite_cache_hit_ratio())
 
 
+
+def test_held_out_ttls_keep_only_what_the_features_predict():
+    import numpy as np
+
+    from experiments.policy_research import FEATURE_SETS, _references, _ttl_bound, _ttl_held_out
+
+    workload = build_workload({"type": "chat", "num_sessions": 60})
+    refs = _references(workload)
+    capacity = max(1, workload.num_unique_blocks() // 20)
+    rich, noisy = FEATURE_SETS["+ conversation turn and pace (rich)"], FEATURE_SETS["rich + noise, 7 values (control)"]
+    assert _ttl_bound(refs, noisy, capacity) >= _ttl_bound(refs, rich, capacity) - 1e-9  # finer classes fit more
+    second = refs["times"] >= refs["split_s"]
+    assert 0 < second.sum() < len(second)
+    for classify in (FEATURE_SETS["none (one class: ~LRU)"], rich):
+        assert 0 < _ttl_held_out(refs, classify, capacity) < 1
+        # room for everything: (nearly) every second-half reference that is used again is a hit (the model
+        # charges a block never used again its whole TTL, even past the end of the workload)
+        everything = _ttl_held_out(refs, classify, 10 * workload.num_unique_blocks())
+        reused = np.isfinite(refs["next_gap"][second]).mean()
+        assert reused * 0.99 < everything <= reused + 1e-9
+
+
 def test_latency_mode_reports_the_simulator_figures_of_each_policy_and_hierarchy(tmp_path):
     """Each row is the simulation `python -m experiments simulate` runs with that policy and hierarchy."""
     small = "gpu: {kv_capacity_blocks: 48}, cpu: {capacity_blocks: 24, capacity_bytes: null}"
