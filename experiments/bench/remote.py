@@ -140,17 +140,20 @@ class Raw(ABC):
             self.get(op_names)
 
     @abstractmethod
-    def put(self, names: list[str], rows: np.ndarray) -> None: ...
+    def put(self, names: list[str], rows: np.ndarray) -> None:
+        """From ``rows``."""
 
     @abstractmethod
     def get(self, names: list[str]) -> None:
         """Into the target rows."""
 
     @abstractmethod
-    def delete(self, names: list[str]) -> None: ...
+    def delete(self, names: list[str]) -> None:
+        """The values a repetition stored, ours and raw."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Give back what the client holds."""
 
 
 class RawMooncake(Raw):
@@ -256,7 +259,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="flexkv-bench-remote-") as log_dir:
         for backend in args.backends:
             rates = bench_backend(backend, args, Path(log_dir))
-            print(f"{backend}: {args.ops} ops of {args.batch} blocks, sizes {args.value_mib} MiB, {args.reps} repetitions")
+            print(f"{backend}: {args.ops} ops of {args.batch} blocks, sizes {args.value_mib} MiB, "
+                  f"{args.reps} repetitions")
             print(f"{'op':<11}{'ours GB/s':>11}{'raw GB/s':>10}{'ours/raw':>10}")
             for op, sides in rates.items():
                 ours, raw = statistics.median(sides["ours"]), statistics.median(sides["raw"])

@@ -22,8 +22,6 @@ class TierKind(IntEnum):
     REMOTE = 3
 
 
-
-
 class Block:
     __slots__ = (
         "key", "parent", "depth", "slots", "ready", "pins",

@@ -214,7 +214,6 @@ def test_a_full_store_refuses_puts_and_the_runtime_serves_on(backend, options, r
         full.kill()
 
 
-
 def test_the_remote_benchmark_runs_both_stores_checks_its_round_trip_and_ends_with_its_figures():
     """`bench remote` as a user runs it, at toy sizes: every figure the issue names, positive."""
     from experiments.local_stores import mooncake_binary

@@ -64,7 +64,6 @@ def test_the_class_ttl_bound_orders_feature_sets():
     assert huge == pytest.approx(workload.infinite_cache_hit_ratio())
 
 
-
 def test_held_out_ttls_keep_only_what_the_features_predict():
     import numpy as np
 
