@@ -15,7 +15,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from experiments import local_stores
 from flexkv_runtime.data.ssd_store import ALIGN, SsdStore
 
 BLOCK = 32
@@ -172,22 +171,11 @@ def test_preemption_with_the_connector_changes_no_output(run_engine, loading, re
     assert run["totals"]["end"]["preemptions"] > 0
 
 
-@pytest.fixture(params=["redis", "mooncake"])
-def shared_store(request, tmp_path):
-    """A store on loopback that engines in different processes share, as engines on different hosts would."""
-    try:
-        store = local_stores.start_store(request.param, tmp_path, segment="256 MB")
-    except local_stores.StoreUnavailable as exc:
-        pytest.skip(f"{exc}; .ci/run installs it")
-    yield store
-    store.kill()
-
-
-def test_an_engine_in_another_process_serves_a_prompt_from_the_shared_store(run_engine, shared_store, reference, p):
+def test_an_engine_in_another_process_serves_a_prompt_from_the_store(run_engine, store, reference, p):
     """Engine A serves A and its blocks go down to the store; engine B, a process of its own with an empty CPU
     tier and no SSD, finds them there and serves A with the tokens of a run without the connector."""
-    connector = {"cpu_blocks": 96, "remote": {"name": shared_store.backend, "timeout_s": 5.0},
-                 "remote_address": next(iter(shared_store.options.values()))}
+    connector = {"cpu_blocks": 96, "remote": {"name": store.backend, "timeout_s": 5.0},
+                 "remote_address": next(iter(store.options.values()))}
     first = run_engine({"connector": connector, "engine_id": "remote-a", "actions": [
         {"do": "generate", "name": "A", "prompts": [p.A]},
         {"do": "flush"},
