@@ -325,6 +325,8 @@ def _ttl_held_out(refs: dict[str, Any], classify, capacity: int) -> float:
 
     classes = [classify(f) for f in refs["features"]]
     second = refs["times"] >= refs["split_s"]
+    if second.all() or not second.any():
+        return math.nan  # no first half to fit on, or nothing to judge
     fitted = _class_curves(classes, refs, ~second)
     judged = _class_curves(classes, refs, second)
     pooled_cost, pooled_hits = _class_curves([0] * len(classes), refs, ~second)[0]

@@ -83,6 +83,8 @@ def test_held_out_ttls_keep_only_what_the_features_predict():
         everything = _ttl_held_out(refs, classify, 10 * workload.num_unique_blocks())
         reused = np.isfinite(refs["next_gap"][second]).mean()
         assert reused * 0.99 < everything <= reused + 1e-9
+    one_request = build_workload({"type": "chat", "num_sessions": 1, "mean_turns": 1})
+    assert math.isnan(_ttl_held_out(_references(one_request), rich, capacity))  # no first half to fit on
 
 
 def test_latency_mode_reports_the_simulator_figures_of_each_policy_and_hierarchy(tmp_path):
