@@ -25,7 +25,6 @@ pytest.importorskip("vllm")
 from connector.flexkv_connector import FlexKVConnector  # noqa: E402
 from connector.scheduler_side import FlexKVScheduler  # noqa: E402
 from connector.worker_side import FlexKVWorker  # noqa: E402
-from experiments import local_stores  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 from vllm.config import (  # noqa: E402
     CacheConfig,
@@ -260,18 +259,6 @@ def make_engine(tiny_model):
 @pytest.fixture(scope="session")
 def make_prompt():
     return prompt
-
-
-@pytest.fixture(params=["redis", "mooncake"])
-def store(request, tmp_path):
-    """A running store of each backend on loopback, shared by the engines of a test as by engines on
-    different hosts; killed at the end."""
-    try:
-        started = local_stores.start_store(request.param, tmp_path, segment="256 MB")
-    except local_stores.StoreUnavailable as exc:
-        pytest.skip(f"{exc}; .ci/run installs it")
-    yield started
-    started.kill()
 
 
 ENGINE_JOB = Path(__file__).with_name("engine_job.py")

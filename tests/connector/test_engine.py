@@ -169,29 +169,3 @@ def test_preemption_with_the_connector_changes_no_output(run_engine, loading, re
     assert run["outputs"]["batch"] == reference["outputs"]["batch"]
     assert_logprobs_match(run["logprobs"]["batch"], reference["logprobs"]["batch"])
     assert run["totals"]["end"]["preemptions"] > 0
-
-
-def test_an_engine_in_another_process_serves_a_prompt_from_the_store(run_engine, store, reference, p):
-    """Engine A serves A and its blocks go down to the store; engine B, a process of its own with an empty CPU
-    tier and no SSD, finds them there and serves A with the tokens of a run without the connector."""
-    connector = {"cpu_blocks": 96, "remote": {"name": store.backend, "timeout_s": 5.0},
-                 "remote_address": next(iter(store.options.values()))}
-    first = run_engine({"connector": connector, "engine_id": "remote-a", "actions": [
-        {"do": "generate", "name": "A", "prompts": [p.A]},
-        {"do": "flush"},
-        {"do": "totals", "name": "end"},
-    ]})
-    second = run_engine({"connector": connector, "engine_id": "remote-b", "actions": [
-        {"do": "generate", "name": "A", "prompts": [p.A]},
-        {"do": "totals", "name": "end"},
-    ]})
-    for run in (first, second):
-        assert run["outputs"]["A"] == reference["outputs"]["A"]
-        assert_logprobs_match(run["logprobs"]["A"], reference["logprobs"]["A"])
-    blocks = len(p.A) // BLOCK
-    stored, served = first["totals"]["end"], second["totals"]["end"]
-    assert stored.get("hit_tokens_remote", 0) == 0 and stored["cpu_to_remote_bytes"] > 0
-    assert served["hit_tokens_remote"] >= 0.9 * len(p.A) and served.get("load_failed_blocks", 0) == 0
-    assert served["remote_to_cpu_bytes"] == stored["cpu_to_remote_bytes"] * served["hit_tokens_remote"] // (
-        blocks * BLOCK)
-

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from connector.settings import compose_config
+from experiments import local_stores
 from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.data.remote.trailer import remote_key
 from vllm.v1.request import RequestStatus
@@ -22,6 +23,17 @@ CPU, REMOTE = TierKind.CPU, TierKind.REMOTE
 TIMEOUT_S = 0.5
 #: slack over the configured timeout for scheduling on a busy 2-core machine
 SLACK_S = 0.75
+
+
+@pytest.fixture(params=["redis", "mooncake"])
+def store(request, tmp_path):
+    """A running store of each backend, killed at the end."""
+    try:
+        started = local_stores.start_store(request.param, tmp_path, segment="256 MB")
+    except local_stores.StoreUnavailable as exc:
+        pytest.skip(f"{exc}; .ci/run installs it")
+    yield started
+    started.kill()
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +159,6 @@ def test_a_store_killed_mid_run_costs_misses_within_the_timeout_and_hits_resume_
             break
     assert engine.totals()["hit_tokens_remote"] == 4 * BLOCK and remote_stats(engine)["breaker_open"] == 0
     engine.assert_clean()
-
 
 
 def test_real_engines_in_two_processes_share_a_prompt_through_the_store(run_engine, make_prompt, store, tmp_path):
