@@ -348,8 +348,9 @@ def _ttl_held_out(refs: dict[str, Any], classify, capacity: int) -> float:
             hits += class_hits[at]
         return cost, hits
 
-    if outcome(0.0)[0] <= budget:
-        return outcome(0.0)[1] / int(second.sum())
+    keep_all, keep_all_hits = outcome(0.0)
+    if keep_all <= budget:
+        return keep_all_hits / int(second.sum())
     low, high = 0.0, 1e3  # thresholds in hits per slot-second: keep all, keep nothing
     for _ in range(80):
         middle = math.sqrt(max(low, 1e-15) * high)

@@ -169,7 +169,6 @@ def test_a_passing_block_asked_for_again_before_it_leaves_stays_in_the_cpu_tier(
     h.mgr.check_invariants()
 
 
-
 def test_a_leaf_first_policy_does_not_count_a_child_passing_through_as_resident(harness):
     h = harness(tiers={"cpu": 2, "ssd": 8}, eviction="prefix_lru", admission={"name": "frequency", "min_hits": 2})
     h.store("a", [3])
@@ -181,6 +180,7 @@ def test_a_leaf_first_policy_does_not_count_a_child_passing_through_as_resident(
     assert not h.mgr.is_passing(9) and h.mgr.cpu.used_blocks == len(h.mgr.cpu.eviction)
     assert h.resident("SSD") == [3, 9, 27]
     assert h.mgr.lookup([3, 9, 27]).ready_blocks == 3  # the whole prefix is still served, from the SSD as needed
+
 
 @pytest.mark.parametrize("tiers, write_policy", [({"cpu": 4}, "write_through"),
                                                  ({"cpu": 4, "ssd": 16}, "write_back")])
