@@ -4,8 +4,12 @@ The full Mooncake conversation trace (12,031 requests) goes through the full
 hierarchy model: instances of the chosen hardware, each with its GPU prefix
 cache, CPU DRAM and NVMe tiers (write-through), behind the router, LRU
 everywhere. Then 2x and 4x the trace (copies shifted past the end of the
-previous one, each with its own block ids, so every copy costs the same) show
-how the cost grows. Wall time is the simulation run; loading the trace and
+previous one, each with its own block ids) show how the cost grows. The copies
+are not the same work: the first starts with empty tiers, and from some copy on
+the SSD tier is full and every store there evicts. So each run also counts its
+block operations (tier inserts, evictions and hits), and the JSON gives the wall
+time per block operation of the largest run over the smallest's too: linear cost
+keeps it at 1. Wall time is the simulation run; loading the trace and
 hashing its block keys are reported apart. For scale, the control plane alone
 (timing-free replay of the same trace through one manager with one instance's
 tiers) is timed too: it is the floor under the simulator's cost. Last line: JSON.
@@ -73,7 +77,7 @@ def main(argv: list[str]) -> int:
     print(f"{trace.name}: {len(trace)} requests; {args.instances} x {args.hierarchy}, {args.model}, "
           f"router {args.router}, LRU; trace loaded in {load_s:.2f} s")
     print(f"{'copies':>6}{'requests':>10}{'keys s':>9}{'wall s':>9}{'cpu s':>8}{'req/wall s':>12}{'sim s':>10}"
-          f"{'TTFT p50':>10}")
+          f"{'TTFT p50':>10}{'block ops':>11}{'evictions':>11}")
     runs = {}
     for copies in scales:
         workload = repeated(trace, copies)
@@ -85,9 +89,13 @@ def main(argv: list[str]) -> int:
         result = simulation.run()
         cpu_s = time.process_time() - cpu_started
         ttft = sorted(sr.first_token_s - sr.arrival_s for sr in result.requests)[len(result.requests) // 2]
-        runs[copies] = (len(workload), result.wall_s, cpu_s)
+        stats = [tier.stats for manager in result.managers for tier in manager.tiers.values()]
+        evictions = sum(s.evictions for s in stats)
+        block_ops = sum(s.inserts + s.hits for s in stats) + evictions
+        runs[copies] = (len(workload), result.wall_s, cpu_s, block_ops)
         print(f"{copies:>6}{len(workload):>10}{keys_s:>9.2f}{result.wall_s:>9.2f}{cpu_s:>8.2f}"
-              f"{len(workload) / result.wall_s:>12,.0f}{result.end_s:>10.0f}{ttft:>10.3f}")
+              f"{len(workload) / result.wall_s:>12,.0f}{result.end_s:>10.0f}{ttft:>10.3f}"
+              f"{block_ops:>11,}{evictions:>11,}")
 
     hardware = HardwareSpec.from_config(OmegaConf.to_container(cfg.hierarchy, resolve=True))
     block_bytes = ModelSpec.from_config(OmegaConf.to_container(cfg.model)).block_bytes(trace.tokens_per_block)
@@ -97,8 +105,8 @@ def main(argv: list[str]) -> int:
     print(f"control plane alone (replay, one manager, CPU {cpu} + SSD {ssd} blocks): {floor.wall_s:.2f} s, "
           f"{len(trace) / floor.wall_s:,.0f} req/s")
 
-    base_n, base_wall, base_cpu = runs[scales[0]]
-    _, top_wall, top_cpu = runs[scales[-1]]
+    base_n, base_wall, base_cpu, base_ops = runs[scales[0]]
+    _, top_wall, top_cpu, top_ops = runs[scales[-1]]
     growth = f"growth_{scales[-1]}x_over_{scales[0]}x"
     summary = {
         "requests": base_n,
@@ -107,9 +115,11 @@ def main(argv: list[str]) -> int:
         "requests_per_wall_s": round(base_n / base_wall),
         "requests_per_cpu_s": round(base_n / base_cpu),
         "control_plane_replay_wall_s": round(floor.wall_s, 3),
-        "walls_s": {str(copies): round(wall, 3) for copies, (_, wall, _) in runs.items()},
+        "walls_s": {str(copies): round(wall, 3) for copies, (_, wall, _, _) in runs.items()},
+        "block_ops": {str(copies): ops for copies, (_, _, _, ops) in runs.items()},
         growth: round(top_wall / base_wall, 3),
         f"{growth}_cpu": round(top_cpu / base_cpu, 3),
+        f"wall_per_block_op_{scales[-1]}x_over_{scales[0]}x": round(top_wall / top_ops / (base_wall / base_ops), 3),
         "target_requests_per_wall_s": 10_000,
     }
     print(json.dumps(summary))

@@ -105,3 +105,18 @@ def test_unknown_command_and_benchmark_are_refused():
     assert run("nope", check=False).returncode == 2
     proc = run("bench", "nope", check=False)
     assert proc.returncode == 2 and "control_plane" in proc.stderr
+
+
+def test_simulator_benchmark_counts_the_block_operations_of_each_copy(tmp_path):
+    if not TRACE.exists():
+        pytest.skip(f"the shared Mooncake trace is not at {TRACE}")
+    head = tmp_path / "head.jsonl"
+    with TRACE.open() as lines:
+        head.write_text("".join(line for _, line in zip(range(300), lines)))
+    out = run("bench", "simulator", "--trace", str(head), "--instances", "1", "--scales", "1,2")
+    summary = last_json(out.stdout)
+    assert summary["requests"] == 300 and set(summary["walls_s"]) == set(summary["block_ops"]) == {"1", "2"}
+    ops = summary["block_ops"]
+    assert 0 < ops["1"] < ops["2"]  # the second copy has fresh block ids: it inserts its own blocks
+    per_op = summary["walls_s"]["2"] / ops["2"] / (summary["walls_s"]["1"] / ops["1"])
+    assert summary["wall_per_block_op_2x_over_1x"] == pytest.approx(per_op, rel=0.05)  # walls are rounded
