@@ -8,6 +8,7 @@ bounds the cost of a victim when most of the tier is wanted.
 """
 from __future__ import annotations
 
+from flexkv_runtime.policies.base import EvictionPolicy
 from flexkv_runtime.policies.lru import LRU
 
 
@@ -35,3 +36,5 @@ class LookaheadLRU(LRU):
         if spare is not None:
             del self._order[spare]
         return spare
+
+    victims = EvictionPolicy.victims  # one victim at a time: LRU's batch pass would ignore the queue
