@@ -39,15 +39,12 @@ def tier_capacity_blocks(name: str, spec: Mapping[str, Any] | int | None, block_
 
 
 def _plain(obj: Any) -> Any:
-    """OmegaConf containers to dicts, without importing omegaconf here."""
-    to_container = getattr(type(obj), "to_container", None)
-    if to_container is None:
-        try:
-            from omegaconf import DictConfig, OmegaConf
-        except ImportError:  # pragma: no cover - omegaconf ships with hydra
-            return obj
-        return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, DictConfig) else obj
-    return obj
+    """OmegaConf containers to plain dicts and lists; omegaconf is imported only when given one."""
+    if not type(obj).__module__.startswith("omegaconf"):
+        return obj
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(obj, resolve=True)
 
 
 def build_manager(
@@ -77,10 +74,10 @@ def build_manager(
     built = []
     for name, spec in tiers.items():
         spec = _plain(spec)
-        if spec in (None, 0) or (
+        if name != "cpu" and (spec in (None, 0) or (  # the slower tiers are optional, the CPU tier is not
             isinstance(spec, Mapping) and not spec.get("capacity_blocks") and not spec.get("capacity_bytes")
             and ("capacity_blocks" in spec or "capacity_bytes" in spec)
-        ):
+        )):
             continue
         blocks = tier_capacity_blocks(name, spec, block_bytes)
         own = spec if isinstance(spec, Mapping) else {}

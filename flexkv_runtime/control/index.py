@@ -25,7 +25,7 @@ class TierKind(IntEnum):
 class Block:
     __slots__ = (
         "key", "parent", "depth", "slots", "ready", "pins",
-        "last_access", "hits", "prefill_cost_s", "arriving", "child_records",
+        "last_access", "hits", "prefill_cost_s", "arriving", "child_records", "request_tokens",
     )
 
     def __init__(self, key: Hashable, parent: Block | None, prefill_cost_s: float) -> None:
@@ -45,6 +45,9 @@ class Block:
         #: children the index holds a record of, resident or not: a block with any is
         #: never forgotten, or they would point at a record the index no longer has
         self.child_records = 0
+        #: prompt length of the request that last stored it: the slower tiers' admission
+        #: judges the block by it when the block is copied down, after that request is gone
+        self.request_tokens = 0
 
     def in_tier(self, tier: int) -> bool:
         return tier in self.slots

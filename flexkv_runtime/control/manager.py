@@ -378,6 +378,7 @@ class CacheManager:
                 else:  # written through to the slower tiers, not kept here
                     passing.add(key)
                     passed += 1
+            block.request_tokens = request_tokens
             storing.append(block)
             engine_slots.append(engine_slot)
             cpu_slots.append(slots[CPU])
@@ -424,7 +425,7 @@ class CacheManager:
                 return tier
         return None
 
-    def _admit(self, tier: Tier, block: Block, request_tokens: int, waits: list[int]) -> int | None:
+    def _admit(self, tier: Tier, block: Block, waits: list[int]) -> int | None:
         """The admission policy's consent, then a slot for ``block``, evicting if needed.
 
         Returns the slot, or None; appends to ``waits`` the ops that must finish
@@ -432,7 +433,7 @@ class CacheManager:
         evicted block). The block is pinned while room is made, so the eviction
         can neither choose it nor forget its record when the victim is its last child.
         """
-        if not tier.admits_all and not tier.admission.admit(block.key, block, request_tokens):
+        if not tier.admits_all and not tier.admission.admit(block.key, block, block.request_tokens):
             tier.stats.rejected += 1
             return None
         return self._make_room(tier, block, waits)
@@ -486,7 +487,7 @@ class CacheManager:
                 if free and admits_all:
                     slot = free.pop()
                 else:
-                    slot = self._admit(target, block, 0, waits)
+                    slot = self._admit(target, block, waits)
                     if slot is None:
                         continue
                 slots[kind] = slot

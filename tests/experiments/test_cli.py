@@ -55,7 +55,7 @@ def test_unknown_policy_fails_listing_the_choices(tmp_path):
 def test_impossible_capacity_fails_clearly(tmp_path):
     proc = run("replay", "workload=chat", "replay.capacity_blocks=0", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0
-    assert "capacity" in proc.stderr
+    assert "cpu tier capacity_blocks must be positive, got 0" in proc.stderr
 
 
 #: a grid small enough for a test where the policies still differ: a GPU cache of 48 blocks, small tiers
