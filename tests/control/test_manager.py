@@ -149,6 +149,11 @@ def test_a_refused_block_stops_storing_the_rest_of_the_prefix(harness):
     [op] = h.take()
     assert op.keys == [1, 2]
     h.finish(op)
+    h = harness(tiers={"cpu": 4}, admission={"name": "frequency", "min_hits": 2}, write_policy="write_back")
+    assert h.mgr.plan_store("x", [4], [0]) == 0  # block 4 seen once
+    # 3 is refused on its first sighting; 4, on its second, would be admitted, but past a hole it is no use
+    assert h.mgr.plan_store("a", [3, 4], [0, 1]) == 0
+    assert h.take() == [] and h.mgr.cpu.stats.rejected == 2
 
 
 def test_under_write_through_a_block_the_cpu_admission_refuses_passes_through_to_the_ssd(harness):

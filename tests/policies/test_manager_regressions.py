@@ -25,9 +25,9 @@ def manager(eviction, tiers, admission="always"):
 
 
 def test_load_of_a_block_promoting_to_cpu():
-    """plan_load tests ``block.ready`` for CPU, not ``CPU in block.slots``: a second load (or a
-    load after a promote-on-lookup prefetch) allocates a second CPU slot for the same block,
-    overwrites ``slots[CPU]`` (the first slot leaks for good) and calls ``on_insert`` twice."""
+    """plan_load used to test ``block.ready`` for CPU, not ``CPU in block.slots``: a second load (or
+    a load after a promote-on-lookup prefetch) allocated a second CPU slot for the same block,
+    overwrote ``slots[CPU]`` (the first slot leaked for good) and called ``on_insert`` twice."""
     mgr, settle = manager("lru", {"cpu": 2, "ssd": 4})
     mgr.plan_store("a", [1], [0])
     settle()
@@ -43,10 +43,10 @@ def test_load_of_a_block_promoting_to_cpu():
 
 
 def test_store_evicts_the_parent_of_the_block_it_makes_room_for():
-    """The blocks a store finds cached (hits) are not pinned while it allocates slots for the
-    rest, and ``victim`` is not told which block the room is for. A leaf-first policy then
-    rightly picks the request's own last cached block, the new block's parent, and the tier
-    holds a child without its parent: a prefix with a hole, never served."""
+    """The blocks a store found cached (hits) used not to be pinned while it allocated slots for
+    the rest, and ``victim`` was not told which block the room was for. A leaf-first policy then
+    rightly picked the request's own last cached block, the new block's parent, and the tier
+    held a child without its parent: a prefix with a hole, never served."""
     mgr, settle = manager("prefix_lru", {"cpu": 2})
     mgr.plan_store("a", [1, 2], [0, 1])
     settle()
@@ -59,8 +59,8 @@ def test_store_evicts_the_parent_of_the_block_it_makes_room_for():
 
 def test_frequency_admission_sees_every_block_of_a_repeated_prompt():
     """After one refusal plan_store offers no later block of the request to admission (a prefix
-    with a hole is useless), so those blocks are never counted: with ``min_hits=2`` a new
-    n-block prompt needs n + 1 sightings to be cached whole instead of 2."""
+    with a hole is useless). It used not to count them as seen either: with ``min_hits=2`` a new
+    n-block prompt needed n + 1 sightings to be cached whole instead of 2."""
     mgr, settle = manager("lru", {"cpu": 16}, admission="frequency")
     for request_id in ("first", "second"):
         mgr.plan_store(request_id, [1, 2, 3], [0, 1, 2])
@@ -70,9 +70,9 @@ def test_frequency_admission_sees_every_block_of_a_repeated_prompt():
 
 
 def test_store_from_an_offset_keeps_the_prefix_tree():
-    """``index.chain`` returns None when ``keys[start - 1]`` is not in the index, so the stored
-    blocks become roots (depth 0, the prefill cost of a first block) and keep that parent for
-    good: prefix_lru sees no parent to protect, cost_aware and size_threshold a wrong depth."""
+    """``index.chain`` used to return None when ``keys[start - 1]`` was not in the index, so the
+    stored blocks became roots (depth 0, the prefill cost of a first block) and kept that parent for
+    good: prefix_lru saw no parent to protect, cost_aware and size_threshold a wrong depth."""
     mgr, settle = manager("prefix_lru", {"cpu": 16})
     mgr.plan_store("a", [10, 11, 12], [5, 6], start=1)
     settle()
