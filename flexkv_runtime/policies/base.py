@@ -16,6 +16,7 @@ in flight) and return ``None`` when nothing can go.
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -33,7 +34,8 @@ class PolicyContext:
 
     ``clock`` is the caller's clock (simulated or real seconds); ``waiting_refs``
     counts how many queued requests will read each key (lookahead); ``oracle``
-    knows the future and is set only in replay and simulation.
+    knows the future and is set only in replay and simulation; ``tier`` names the
+    tier the policy serves (``GPU``, ``CPU``, ``SSD``, ``REMOTE``).
     """
 
     clock: Callable[[], float] = lambda: 0.0
@@ -196,6 +198,11 @@ def policy_class(kind: str, name: str) -> type[Policy]:
     return _registry[kind][name]
 
 
+def policy_name(spec: Any) -> str:
+    """The policy a config names: a bare name or a mapping's ``name``."""
+    return spec if isinstance(spec, str) else str(spec["name"])
+
+
 def make_policy(kind: str, spec: Any, **fixed: Any) -> Policy:
     """Build a policy from a config mapping ``{name: ..., <params>}`` or a bare name.
 
@@ -210,4 +217,5 @@ def make_policy(kind: str, spec: Any, **fixed: Any) -> Policy:
     try:
         return cls(**fixed, **params)
     except TypeError as exc:
-        raise ValueError(f"bad parameters for {kind} policy {name!r}: {exc}") from exc
+        valid = [p for p in inspect.signature(cls).parameters if p not in fixed]
+        raise ValueError(f"bad parameters for {kind} policy {name!r}: {exc}; valid parameters: {valid}") from exc
