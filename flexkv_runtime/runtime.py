@@ -47,6 +47,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -240,6 +241,15 @@ class KVRuntime:
             name = f"flexkv_tier_{field}_total"
             lines += [f"# HELP {name} Control plane: {field.replace('_', ' ')} per tier.", f"# TYPE {name} counter"]
             lines += [f'{name}{{tier="{tier}"}} {stats[field]}' for tier, stats in tier_stats.items()]
+        manager_stats = asdict(self.manager.stats)
+        name = "flexkv_block_hits_total"
+        lines += [f"# HELP {name} Control plane: block accesses served, by the fastest tier holding the block.",
+                  f"# TYPE {name} counter"]
+        lines += [f'{name}{{tier="{tier}"}} {hits}' for tier, hits in manager_stats.pop("block_hits").items()]
+        for field, value in manager_stats.items():
+            name = f"flexkv_{field}_total"
+            lines += [f"# HELP {name} Control plane: {field.replace('_', ' ')}.", f"# TYPE {name} counter",
+                      f"{name} {value}"]
         for field, value in (self.discovery.stats if self.discovery is not None else {}).items():
             name = f"flexkv_remote_discovery_{field}_total"
             lines += [f"# HELP {name} Remote discovery: {field.replace('_', ' ')}.", f"# TYPE {name} counter",

@@ -12,7 +12,6 @@ from flexkv_runtime.policies.base import AdmissionPolicy, EvictionPolicy
 @dataclass
 class TierStats:
     hits: int = 0  # block accesses that found the block here (first tier that had it)
-    misses: int = 0  # block accesses that found it in no tier at or above... see manager
     inserts: int = 0
     evictions: int = 0
     rejected: int = 0  # refused by admission or for lack of an evictable slot

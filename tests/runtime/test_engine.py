@@ -138,6 +138,10 @@ def test_runtime_metrics_cover_links_store_and_tiers(make_driver, kv, tmp_path):
         "flexkv_ssd_blocks_written_total 4",
         'flexkv_tier_used_blocks{tier="SSD"} 4',
         "# TYPE flexkv_transfer_queued gauge",
+        "flexkv_block_accesses_total 4",
+        "flexkv_block_misses_total 4",
+        "flexkv_ops_submitted_total 2",  # the store, then its copy down to the SSD tier
+        "flexkv_ops_failed_total 0",
     ):
         assert line in text
     stats = d.rt.engine.stats()

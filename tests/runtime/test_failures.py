@@ -171,7 +171,9 @@ def test_max_bytes_cap_fails_the_blocks_that_do_not_fit_and_keeps_serving(make_d
     assert failed == [] and planned == d.mgr.lookup(a).ready_blocks == len(d.ready(a, kv.CPU))
     assert planned >= 1 or a[0] not in on_ssd
     assert kv.same_blocks(dst, range(8, 8 + planned), src, range(planned))
-    assert "flexkv_ssd_no_space_total" in d.rt.prometheus_text()
+    text = d.rt.prometheus_text()
+    assert "flexkv_ssd_no_space_total" in text
+    assert f"flexkv_ops_failed_total {d.mgr.stats.ops_failed}" in text and d.mgr.stats.ops_failed >= 1
 
 
 @contextlib.contextmanager
