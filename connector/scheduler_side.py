@@ -35,14 +35,14 @@ from flexkv_runtime.control.config import build_manager
 from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.keys import BlockKeyer
 from flexkv_runtime.control.manager import RequestDone
-from flexkv_runtime.control.ops import OpKind, TransferOp
+from flexkv_runtime.control.ops import OpKind, TransferOp, link_name
 from flexkv_runtime.data.remote import RemoteDiscovery, open_store
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.request import Request, RequestStatus
 
 log = logging.getLogger(__name__)
 
-CPU_TO_SSD = f"{TierKind.CPU.name}->{TierKind.SSD.name}"
+CPU_TO_SSD = link_name(TierKind.CPU, TierKind.SSD)
 
 
 class OutboundOps:

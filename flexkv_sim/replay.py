@@ -4,13 +4,13 @@ Each request looks up its blocks, loads the longest ready prefix (promoting from
 slower tiers through the CPU tier) and then offers the rest for storing, exactly
 the calls the simulator and the vLLM connector make, with a data plane that
 completes every op at once. The hit ratios are therefore those of the real
-control plane with no timing effects, and block-level figures match a
-demand-paging cache simulator (libCacheSim) fed the same block stream.
+control plane with no timing effects; with ``demand_paging=True`` the
+block-level figures match a demand-paging cache simulator (libCacheSim) fed the
+same block stream.
 """
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from flexkv_runtime.control.keys import BlockKeyer, Namespace
 from flexkv_runtime.control.manager import CacheManager
 from flexkv_runtime.control.ops import ImmediateDataPlane
 from flexkv_runtime.control.oracle import FutureOracle
-from flexkv_runtime.policies.base import policy_class
+from flexkv_runtime.policies.base import policy_class, policy_name
 from flexkv_sim.gc_pause import gc_paused
 from flexkv_sim.gpu_cache import GpuPrefixCache
 from flexkv_sim.workloads.request import Workload
@@ -53,10 +53,6 @@ def workload_keys(workload: Workload, namespace: Namespace | None = None) -> lis
     return [keyer.from_hash_ids(r.block_ids) for r in workload.requests]
 
 
-def _policy_name(spec: Any) -> str:
-    return spec if isinstance(spec, str) else str(spec["name"])
-
-
 def replay(
     workload: Workload,
     *,
@@ -86,7 +82,7 @@ def replay(
     large next to the tier (belady at 1% capacity of the Mooncake trace).
     """
     keys = keys if keys is not None else workload_keys(workload)
-    offline = policy_class("eviction", _policy_name(eviction)).offline
+    offline = policy_class("eviction", policy_name(eviction)).offline
     oracle = FutureOracle(keys) if offline else None
     now = [0.0]
     data_plane = ImmediateDataPlane()
@@ -115,7 +111,7 @@ def replay(
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(iterator, desc=f"replay {_policy_name(eviction)}", unit="req", mininterval=0.5)
+        iterator = tqdm(iterator, desc=f"replay {policy_name(eviction)}", unit="req", mininterval=0.5)
     tpb = workload.tokens_per_block
     prompt_tokens = hit_tokens = 0
     with gc_paused():
@@ -145,7 +141,7 @@ def replay(
             prompt_tokens += request.input_length
             hit_tokens += min(loaded * tpb, request.input_length)
         wall = time.perf_counter() - started
-    result = summarize(manager, workload, _policy_name(eviction), capacity_blocks, ssd_capacity_blocks,
+    result = summarize(manager, workload, policy_name(eviction), capacity_blocks, ssd_capacity_blocks,
                        prompt_tokens, hit_tokens, wall)
     if gpu is not None:
         result.extra.update(gpu_blocks=gpu_blocks, gpu_hit_blocks=gpu_hit_blocks, gpu_evictions=gpu.evictions)
@@ -199,6 +195,3 @@ def capacity_from_fraction(workload: Workload, fraction: float) -> int:
         raise ValueError(f"capacity fraction must be positive, got {fraction}")
     return max(1, round(workload.num_unique_blocks() * fraction))
 
-
-def policy_label(spec: Mapping[str, Any] | str) -> str:
-    return _policy_name(spec)

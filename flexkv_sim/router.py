@@ -20,23 +20,22 @@ class RoundRobin:
 class PrefixAware:
     """Send a request where it is cheapest, counting both reuse and load (as Dynamo's KV router does).
 
-    Cost of an instance = ``overlap_weight`` x the blocks it would have to prefill
-    (the prompt less the prefix its GPU cache and its own tiers hold) + the blocks
+    Cost of an instance = the blocks it would have to prefill (the prompt less the
+    prefix its GPU cache and its own tiers hold) + the blocks
     of the requests already queued or running there. Pure longest-prefix routing
     would send every request sharing a hot system prompt to one instance; the
     load term spreads them once that instance is busier than a prefill is worth.
     Ties go to the lowest-numbered instance.
     """
 
-    def __init__(self, engines: Sequence[Engine], overlap_weight: float = 1.0) -> None:
+    def __init__(self, engines: Sequence[Engine]) -> None:
         self.engines = list(engines)
-        self.overlap_weight = overlap_weight
 
     def choose(self, sr: SimRequest) -> Engine:
         if len(self.engines) == 1:
             return self.engines[0]
-        blocks, weight = len(sr.keys), self.overlap_weight
-        return min(self.engines, key=lambda e: weight * (blocks - e.cached_prefix(sr)) + e.load_blocks)
+        blocks = len(sr.keys)
+        return min(self.engines, key=lambda e: blocks - e.cached_prefix(sr) + e.load_blocks)
 
 
 ROUTERS = {"round_robin": RoundRobin, "prefix_aware": PrefixAware}

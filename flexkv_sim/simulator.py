@@ -26,7 +26,7 @@ from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.manager import CacheManager, RequestDone
 from flexkv_runtime.control.ops import OpKind, TransferOp
 from flexkv_runtime.control.oracle import FutureOracle
-from flexkv_runtime.policies.base import PolicyContext, policy_class
+from flexkv_runtime.policies.base import PolicyContext, policy_class, policy_name
 from flexkv_sim.dataplane import SimDataPlane
 from flexkv_sim.engine import Engine, EngineConfig, SimRequest
 from flexkv_sim.gc_pause import gc_paused
@@ -131,7 +131,7 @@ class Simulation:
         tpb = workload.tokens_per_block
         block_bytes = model.block_bytes(tpb)
         step_time = profile(engine.step_profile) if engine.step_profile else roofline(model, hardware.gpu)
-        offline = any(policy_class("eviction", _name(p)).offline for p in (eviction, engine.gpu_eviction))
+        offline = any(policy_class("eviction", policy_name(p)).offline for p in (eviction, engine.gpu_eviction))
         self.oracle = FutureOracle(keys) if offline else None
         begin = self.oracle.begin if self.oracle is not None else None
         chunk = step_time.prefill_chunk
@@ -286,10 +286,6 @@ class Simulation:
             pool=self.pool,
             samples=self.samples,
         )
-
-
-def _name(spec: Any) -> str:
-    return spec if isinstance(spec, str) else str(spec["name"])
 
 
 def simulation_from_config(workload: Workload, cfg: Any, **overrides: Any) -> Simulation:

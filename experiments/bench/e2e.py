@@ -36,8 +36,6 @@ MODEL = {
     "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
 }
 BLOCK_TOKENS = 32
-#: bytes of one KV block of MODEL: layers x KV heads x tokens x (K + V) x bf16
-BLOCK_BYTES = 8 * 4 * BLOCK_TOKENS * 2 * 64 * 2
 
 
 def main(argv: list[str]) -> int:

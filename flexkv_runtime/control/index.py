@@ -49,9 +49,6 @@ class Block:
         #: judges the block by it when the block is copied down, after that request is gone
         self.request_tokens = 0
 
-    def in_tier(self, tier: int) -> bool:
-        return tier in self.slots
-
     def ready_in(self, tier: int) -> bool:
         return bool(self.ready >> tier & 1)
 

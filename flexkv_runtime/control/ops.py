@@ -27,6 +27,11 @@ class OpKind(str, Enum):
 _LINK_NAMES = {(a, b): f"{a.name}->{b.name}" for a in TierKind for b in TierKind}
 
 
+def link_name(src: TierKind, dst: TierKind) -> str:
+    """The name the data planes and metrics give the link from ``src`` to ``dst``, e.g. ``CPU->SSD``."""
+    return _LINK_NAMES[src, dst]
+
+
 @dataclass(slots=True)
 class TransferOp:
     op_id: int
@@ -47,7 +52,7 @@ class TransferOp:
 
     @property
     def link(self) -> str:
-        return _LINK_NAMES[self.src, self.dst]
+        return link_name(self.src, self.dst)
 
 
 class DataPlane(Protocol):

@@ -39,7 +39,7 @@ import torch
 
 import kernels
 from flexkv_runtime.control.index import TierKind
-from flexkv_runtime.control.ops import TransferOp
+from flexkv_runtime.control.ops import TransferOp, link_name
 from flexkv_runtime.data.cpu_pool import CpuPool
 from flexkv_runtime.data.remote.tier import RemoteTier
 from flexkv_runtime.data.remote.trailer import TRAILER_BYTES
@@ -47,14 +47,11 @@ from flexkv_runtime.data.ssd_store import SsdStore
 
 log = logging.getLogger(__name__)
 
-GPU_TO_CPU = f"{TierKind.GPU.name}->{TierKind.CPU.name}"
-CPU_TO_GPU = f"{TierKind.CPU.name}->{TierKind.GPU.name}"
-CPU_TO_SSD = f"{TierKind.CPU.name}->{TierKind.SSD.name}"
-SSD_TO_CPU = f"{TierKind.SSD.name}->{TierKind.CPU.name}"
-CPU_TO_REMOTE = f"{TierKind.CPU.name}->{TierKind.REMOTE.name}"
-REMOTE_TO_CPU = f"{TierKind.REMOTE.name}->{TierKind.CPU.name}"
+GPU, CPU, SSD, REMOTE = TierKind.GPU, TierKind.CPU, TierKind.SSD, TierKind.REMOTE
+GPU_TO_CPU, CPU_TO_GPU = link_name(GPU, CPU), link_name(CPU, GPU)
+CPU_TO_SSD, SSD_TO_CPU = link_name(CPU, SSD), link_name(SSD, CPU)
+CPU_TO_REMOTE, REMOTE_TO_CPU = link_name(CPU, REMOTE), link_name(REMOTE, CPU)
 GPU_LINKS = (GPU_TO_CPU, CPU_TO_GPU)
-SSD_LINKS = (CPU_TO_SSD, SSD_TO_CPU)
 
 
 @dataclass

@@ -6,10 +6,8 @@ against.
 """
 from __future__ import annotations
 
-import heapq
-import itertools
-
 from flexkv_runtime.policies.base import EvictionPolicy
+from flexkv_runtime.policies.lazy_heap import LazyMinHeap
 
 
 class Belady(EvictionPolicy):
@@ -18,42 +16,19 @@ class Belady(EvictionPolicy):
 
     def __init__(self, capacity_blocks: int) -> None:
         super().__init__(capacity_blocks)
-        self._next: dict = {}  # key -> its current next use
-        self._heap: list = []  # (-next use, tie, key), stale entries skipped lazily
-        self._tie = itertools.count()
-
-    def _note(self, key) -> None:
-        nxt = self.ctx.oracle.next_use(key)
-        self._next[key] = nxt
-        heapq.heappush(self._heap, (-nxt, next(self._tie), key))
+        self._by_next_use = LazyMinHeap()  # priority: minus the next use, so the farthest comes first
 
     def on_insert(self, key, block) -> None:
-        self._note(key)
+        self._by_next_use.set(key, -self.ctx.oracle.next_use(key))
 
     def on_hit(self, key, block) -> None:
-        self._note(key)
+        self._by_next_use.set(key, -self.ctx.oracle.next_use(key))
 
     def on_remove(self, key) -> None:
-        self._next.pop(key, None)
+        self._by_next_use.discard(key)
 
     def victim(self, can_evict):
-        heap, skipped, chosen = self._heap, [], None
-        while heap:
-            entry = heapq.heappop(heap)
-            neg_next, _, key = entry
-            if self._next.get(key) != -neg_next:
-                continue  # stale: the key was used again or left
-            if can_evict(key):
-                chosen = key
-                del self._next[key]
-                break
-            skipped.append(entry)
-        for entry in skipped:
-            heapq.heappush(heap, entry)
-        if len(heap) > 4 * len(self._next) + 64:
-            self._heap = [(-n, next(self._tie), k) for k, n in self._next.items()]
-            heapq.heapify(self._heap)
-        return chosen
+        return self._by_next_use.pop_min(can_evict)
 
     def __len__(self) -> int:
-        return len(self._next)
+        return len(self._by_next_use)

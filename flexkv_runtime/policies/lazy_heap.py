@@ -1,6 +1,6 @@
 """A min-priority queue of keys whose priorities are replaced, not updated in place.
 
-Shared by the policies that rank blocks by a value (cost_aware, prefix_lru):
+Shared by the policies that rank blocks by a value (cost_aware, prefix_lru, belady):
 setting a key's priority pushes a new entry and leaves the old one to be
 skipped when it surfaces, so every change is O(log n) and the heap is rebuilt
 from the live entries when stale ones outnumber them.

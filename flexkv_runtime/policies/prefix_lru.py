@@ -7,8 +7,9 @@ the leaves the least recently used goes, so cached prefixes stay contiguous
 and shrink from their ends.
 
 It keeps its own count of resident children per parent key (updated on insert,
-remove and eviction), because the index's ``children`` counts change when the
-manager attaches and detaches, which the policy is not told about. Leaves wait
+remove and eviction), because the index's ``child_records`` count records, not
+resident blocks, and change when the manager attaches and detaches, which the
+policy is not told about. Leaves wait
 in a lazy heap ordered by ``_priority`` (here: order of last use; cost_aware
 ranks by value instead); a parent joins it when its last child goes.
 """

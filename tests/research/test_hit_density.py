@@ -90,7 +90,7 @@ def test_admission_defers_to_the_densities_and_counts_refused_sightings():
     t.chain(2)
     policy = t.policy
     policy._peak = [0.0] * len(policy._peak)
-    policy._threshold, policy._threshold_uses = 1.0, 0
+    policy._threshold = 1.0
     assert not t.admission.admit(99, block, 512)
     assert policy._offered_class(99, block) == policy._reuse_base + 1  # refused, but seen
     policy._peak[policy._reuse_base + 1] = 2.0
