@@ -5,7 +5,8 @@ of the program's future and is left to replay tests).
 Ops are completed only when the program says so, in any order, so blocks stay pinned or in
 flight for a while. Every victim a policy returns is checked as it is returned: resident, not
 pinned, ready (not in flight) and, for prefix_lru, without a resident child in the tier; and
-``None`` only when no such block exists. prefix_lru's contiguity is checked there, at the
+``None`` only when no such block exists; hit_density takes an inner block only when no leaf can
+go. prefix_lru's contiguity is checked there, at the
 eviction, because other manager paths can leave a child without its parent whatever the policy
 does (reset, failures and cancels of a parent still in flight).
 """
@@ -59,7 +60,7 @@ setups = st.fixed_dictionaries(
         "cpu": st.integers(2, 6),
         "ssd": st.sampled_from([0, 4, 10]),
         "write_policy": st.sampled_from(["write_through", "write_back", "selective"]),
-        "admission": st.sampled_from(["always", "frequency"]),
+        "admission": st.sampled_from(["always", "frequency", "hit_density"]),
         "prefetch": st.sampled_from(["none", "promote_on_lookup", "lookahead"]),
     }
 )
@@ -80,16 +81,21 @@ class Program:
             block_bytes=1,
         )
         self.leaf_first = eviction in ("prefix_lru", "cost_aware")
+        self.leaves_first = eviction == "hit_density"  # an inner block only when no leaf can go
         self.running = []  # ops the data plane has started: no longer cancellable
         self.requests = []
         self.waiting = []
         for kind, tier in self.mgr.tiers.items():
             tier.eviction.victim = self._checked(kind, tier.eviction.victim)
 
-    def _evictable(self, block, kind):
-        leaf = not self.leaf_first or not any(  # a child passing through the CPU tier is no resident of it
+    def _is_leaf(self, block, kind):
+        """No child resident in the tier; a child passing through the CPU tier is no resident of it."""
+        return not any(
             b.parent is block and kind in b.slots and not (kind == TierKind.CPU and self.mgr.is_passing(b.key))
             for b in self.mgr.index.blocks())
+
+    def _evictable(self, block, kind):
+        leaf = not self.leaf_first or self._is_leaf(block, kind)
         return kind in block.slots and block.pins == 0 and block.ready_in(kind) and leaf
 
     def _checked(self, kind, choose):
@@ -101,6 +107,9 @@ class Program:
             else:
                 block = self.mgr.index.get(key)
                 assert block is not None and self._evictable(block, kind), f"{block} evicted from {kind.name}"
+                if self.leaves_first and not self._is_leaf(block, kind):
+                    leaves = [b for b in self.mgr.index.blocks() if self._evictable(b, kind) and self._is_leaf(b, kind)]
+                    assert not leaves, f"{block} evicted from {kind.name} before the leaves {leaves}"
             return key
 
         return victim

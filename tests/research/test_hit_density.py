@@ -1,9 +1,7 @@
 """The hit_density eviction and admission policies: through their interface, through the
-CacheManager (random programs, capacity and pins checked at every eviction), and against
-LRU on small synthetic workloads where learning the block classes must pay."""
+CacheManager on a long replay, and against LRU on small synthetic workloads where learning
+the block classes must pay."""
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from flexkv_runtime.control.config import build_manager
 from flexkv_runtime.control.index import Block, TierKind
@@ -135,94 +133,7 @@ def test_bad_parameters_name_the_policy():
 
 
 # ------------------------------------------------------ through the manager
-
-
-def key_of(path):
-    key = 1
-    for step in path:
-        key = key * 3 + step
-    return key
-
-
-prompts = st.builds(lambda root, branches: [key_of((root, *branches[:i])) for i in range(len(branches) + 1)],
-                    st.integers(0, 2), st.lists(st.integers(0, 1), max_size=6))
-ops = st.one_of(
-    st.tuples(st.just("store"), prompts, st.integers(0, 2)),
-    st.tuples(st.just("load"), prompts),
-    st.tuples(st.just("start")),
-    st.tuples(st.just("complete"), st.integers(0, 7), st.booleans()),
-    st.tuples(st.just("settle")),
-    st.tuples(st.just("reset")),
-)
-
-
-class Program:
-    def __init__(self, cpu, ssd, admission):
-        self.dp = ImmediateDataPlane()
-        self.mgr = build_manager(tiers={"cpu": cpu, "ssd": ssd}, eviction="hit_density", admission=admission,
-                                 data_plane=self.dp, clock=lambda: 0.0, block_bytes=1)
-        self.running = []
-        self.n = 0
-        for kind, tier in self.mgr.tiers.items():
-            tier.eviction.victim = self._checked(kind, tier.eviction.victim)
-
-    def _checked(self, kind, choose):
-        def evictable(block):
-            return kind in block.slots and block.pins == 0 and block.ready_in(kind)
-
-        def victim(can_evict):
-            key = choose(can_evict)
-            free = [b for b in self.mgr.index.blocks() if evictable(b)]
-            if key is None:
-                assert not free, f"no victim in {kind.name}, but {free} could go"
-                return key
-            block = self.mgr.index.get(key)
-            assert block is not None and evictable(block), f"{block} evicted from {kind.name}"
-            if self.mgr.index.resident_children(block, kind):  # an inner block only when no leaf could go
-                assert not [b for b in free if not self.mgr.index.resident_children(b, kind)], f"{block} evicted before its children"
-            return key
-
-        return victim
-
-    def step(self, op):
-        mgr, name = self.mgr, op[0]
-        self.n += 1
-        if name == "store":
-            start = min(op[2], len(op[1]) - 1)
-            mgr.plan_store(self.n, op[1], list(range(len(op[1]) - start)), start=start, request_tokens=600)
-        elif name == "load":
-            ready = mgr.lookup(op[1]).ready_blocks
-            if ready:
-                mgr.plan_load(self.n, op[1], 0, list(range(ready)))
-        elif name == "start":
-            self.running += self.dp.drain()
-        elif name == "complete" and self.running:
-            done = self.running.pop(op[1] % len(self.running))
-            mgr.complete(done.op_id, done.keys[len(done.keys) // 2:] if op[2] else ())
-        elif name == "settle":
-            self.settle()
-        elif name == "reset":
-            mgr.reset()
-
-    def settle(self):
-        while True:
-            self.running += self.dp.drain()
-            if not self.running:
-                return
-            self.mgr.complete(self.running.pop().op_id)
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cpu=st.integers(1, 6), ssd=st.sampled_from([0, 5]), admission=st.sampled_from(["always", "hit_density"]),
-       program=st.lists(ops, min_size=10, max_size=80))
-def test_random_programs_keep_capacity_and_never_evict_pinned_blocks(cpu, ssd, admission, program):
-    run = Program(cpu, ssd, admission)
-    for op in program:
-        run.step(op)
-        run.mgr.check_invariants()  # occupancy <= capacity; index, tiers and policy agree
-    run.settle()
-    run.mgr.check_invariants()
-    assert [b for b in run.mgr.index.blocks() if b.pins] == []
+# (random programs through the manager: tests/policies/test_manager_properties.py)
 
 
 def test_a_long_replay_keeps_the_policy_consistent():
