@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-import connector._vllm_guard  # noqa: F401
+from connector._vllm_guard import check_connector_class
 from connector.protocol import FlexKVMetadata, FlexKVStats
 from connector.scheduler_side import FlexKVScheduler
 from connector.settings import settings_from_vllm
@@ -166,6 +166,9 @@ class FlexKVConnector(KVConnectorBase_V1, SupportsHMA):
 
     def reset_cache(self) -> bool | None:
         return self.scheduler.reset_cache()
+
+
+check_connector_class(FlexKVConnector)
 
 
 class FlexKVWorkerExtension:

