@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 # vLLM's CPU build pins this torch; a bare `torch` would pull a multi-GB CUDA build.
 CPU_TORCH := torch==2.13.0+cpu
+# where +cpu builds live, for a pip whose own indexes and wheel folders lack it
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: install install-test sweep test
@@ -16,7 +18,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 ifneq ($(HAS_GPU),1)
-	$(BIN)/pip install -q "$(CPU_TORCH)"
+	$(BIN)/pip install -q "$(CPU_TORCH)" 2>/dev/null || $(BIN)/pip install -q "$(CPU_TORCH)" --extra-index-url $(TORCH_CPU_INDEX)
 endif
 	$(BIN)/pip install -q -e .
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,16 @@ from typing import Any
 import yaml
 
 from connector.settings import EXTRA_KEYS
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's numbers: PyYAML (YAML 1.1) reads ``8e9`` and ``8.0e9`` as strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
 
 ENV_VAR = "FLEXKV_CONFIG_PATH"
 GIB = 1 << 30
@@ -43,7 +54,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """The file's settings as ``kv_connector_extra_config`` keys."""
     try:
         text = path.read_text()
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        raw = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_Loader)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ValueError(f"{ENV_VAR}={path}: cannot read the FlexKV config file: {exc}") from exc
     if raw is None:

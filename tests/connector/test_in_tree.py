@@ -72,6 +72,13 @@ def test_a_config_file_configures_an_engine_without_extra_config(make_engine, tm
     assert make_engine({"cpu_blocks": 20}).flexkv.settings.cpu_blocks == 20  # the extra config wins
 
 
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    path = tmp_path / "flexkv.yaml"
+    path.write_text("cpu_bytes: 8.0e9\nssd_bytes: 2e+11\nssd_dirs: [/nvme/kv]\neviction: 1e-3x\n")
+    assert read_config_file(path) == {"cpu_bytes": 8e9, "ssd_bytes": 2e11, "ssd_dirs": ["/nvme/kv"],
+                                      "eviction": "1e-3x"}
+
+
 def test_without_a_file_the_extra_config_is_all(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert extra_config({"cpu_blocks": 3}) == {"cpu_blocks": 3}
