@@ -38,6 +38,7 @@ import simpy
 
 from flexkv_runtime.control.manager import CacheManager
 from flexkv_runtime.control.ops import OpKind, TransferOp
+from flexkv_sim.checks import require
 from flexkv_sim.gpu_cache import GpuPrefixCache
 from flexkv_sim.model import DecodeRun, StepTime
 from flexkv_sim.workloads.request import Request
@@ -66,13 +67,20 @@ class EngineConfig:
     cold_after_s: float = 0.1
     arrival_latency_s: float = 0.0  # from a request's arrival to the scheduler's queue (front end, IPC)
 
+    def __post_init__(self) -> None:
+        require(self, positive=["cold_start_factor"], non_negative=["cold_after_s", "arrival_latency_s"],
+                whole=["max_num_seqs", "max_num_batched_tokens"])
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> EngineConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(cfg) - names
         if unknown:
             raise ValueError(f"unknown engine keys {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**cfg)
+        try:
+            return cls(**cfg)
+        except ValueError as exc:
+            raise ValueError(f"simulate.engine: {exc}") from None
 
 
 class SimRequest:

@@ -12,13 +12,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from flexkv_sim.checks import require
+
 
 def _build(cls: type, cfg: Mapping[str, Any], where: str) -> Any:
+    """``cls`` from a config section; errors name the section (``hierarchy.pcie.h2d: ...``)."""
     names = {f.name for f in fields(cls)}
     unknown = set(cfg) - names
     if unknown:
         raise ValueError(f"unknown {where} keys {sorted(unknown)}; valid: {sorted(names)}")
-    return cls(**cfg)
+    try:
+        return cls(**cfg)
+    except ValueError as exc:
+        raise ValueError(f"hierarchy.{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -28,8 +34,7 @@ class LinkSpec:
     queue_depth: int = 1  # ops in flight at once
 
     def __post_init__(self) -> None:
-        if self.bandwidth <= 0 or self.latency_s < 0 or self.queue_depth < 1:
-            raise ValueError(f"bad link {self}: need bandwidth > 0, latency_s >= 0, queue_depth >= 1")
+        require(self, positive=["bandwidth"], non_negative=["latency_s"], whole=["queue_depth"])
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,10 @@ class GpuSpec:
     copies_overlap_compute: bool = True  # KV copies run beside the forward (copy engines); false on a CPU box
     kv_capacity_blocks: int | None = None  # fixes the KV pool instead of deriving it from HBM
 
+    def __post_init__(self) -> None:
+        require(self, positive=["hbm_bytes", "hbm_bandwidth", "peak_flops"], non_negative=["step_overhead_s"],
+                whole=["count", "kv_capacity_blocks"], fraction=["mfu", "mbu", "memory_utilization"])
+
     def kv_blocks(self, weight_bytes: float, block_bytes: int) -> int:
         """GPU KV blocks: the HBM the engine may use, less the weights."""
         if self.kv_capacity_blocks is not None:
@@ -65,6 +74,10 @@ class SsdSpec:
     devices: int
     read: LinkSpec  # per device
     write: LinkSpec
+
+    def __post_init__(self) -> None:
+        require(self, whole=["devices"])
+        object.__setattr__(self, "devices", int(self.devices))  # YAML may give 4.0
 
 
 @dataclass(frozen=True)
@@ -112,10 +125,17 @@ class HardwareSpec:
         remote_cfg, remote_capacity = _section(cfg, "remote", ("network",))
         ssd = remote = None
         if ssd_capacity:
-            ssd = SsdSpec(ssd_capacity, int(ssd_cfg.get("devices", 1)), _build(LinkSpec, ssd_cfg["read"], "ssd.read"),
-                          _build(LinkSpec, ssd_cfg["write"], "ssd.write"))
+            try:
+                ssd = SsdSpec(ssd_capacity, ssd_cfg.get("devices", 1), _build(LinkSpec, ssd_cfg["read"], "ssd.read"),
+                              _build(LinkSpec, ssd_cfg["write"], "ssd.write"))
+            except ValueError as exc:
+                raise ValueError(exc if str(exc).startswith("hierarchy.") else f"hierarchy.ssd: {exc}") from None
         if remote_capacity:
             remote = RemoteSpec(remote_capacity, _build(LinkSpec, remote_cfg["network"], "remote.network"))
+        if cpu is None and (ssd or remote):
+            raise ValueError(f"hierarchy.cpu has no capacity but the {'SSD' if ssd else 'remote'} tier has one: every "
+                             "load and store goes through the CPU tier; give it a capacity, or set the slower tiers' "
+                             "capacity to 0 too (GPU prefix cache only)")
         return cls(
             name=cfg.get("name", "hardware"),
             gpu=_build(GpuSpec, cfg.get("gpu") or {}, "gpu"),

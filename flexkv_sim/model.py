@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flexkv_sim.checks import require
+
 if TYPE_CHECKING:
     from flexkv_sim.hardware import GpuSpec
 
@@ -46,13 +48,20 @@ class ModelSpec:
     mla_latent_dim: int | None = None
     mla_value_dim: int | None = None
 
+    def __post_init__(self) -> None:
+        require(self, positive=["params", "active_params", "weight_bytes_per_param", "kv_bytes_per_element"],
+                whole=["layers", "q_heads", "kv_heads", "head_dim", "mla_latent_dim", "mla_value_dim"])
+
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> ModelSpec:
         names = {f.name for f in fields(cls)}
         unknown = set(cfg) - names
         if unknown:
             raise ValueError(f"unknown model keys {sorted(unknown)}; valid: {sorted(names)}")
-        return cls(**cfg)
+        try:
+            return cls(**cfg)
+        except ValueError as exc:
+            raise ValueError(f"model {cfg.get('name', '')}: {exc}") from None
 
     @property
     def kv_bytes_per_token(self) -> float:

@@ -81,6 +81,8 @@ def replay(
     textbook demand paging, libCacheSim's model, which differs when a request is
     large next to the tier (belady at 1% capacity of the Mooncake trace).
     """
+    if not len(workload):
+        raise ValueError(f"workload {workload.name} has no requests: nothing to replay")
     keys = keys if keys is not None else workload_keys(workload)
     offline = policy_class("eviction", policy_name(eviction)).offline
     oracle = FutureOracle(keys) if offline else None

@@ -119,6 +119,8 @@ class Simulation:
             raise ValueError(f"instances must be >= 1, got {instances}")
         if clients is not None and clients < 1:
             raise ValueError(f"clients must be >= 1 or null, got {clients}")
+        if not len(workload):
+            raise ValueError(f"workload {workload.name} has no requests: nothing to simulate")
         self.workload = workload
         self.env = env = simpy.Environment()
         self.clients = clients
@@ -273,6 +275,9 @@ class Simulation:
         unfinished = len(self.workload) - len(self.done) - self.rejected
         if unfinished:
             raise RuntimeError(f"{unfinished} requests never finished: the simulation deadlocked")
+        if not self.done:
+            raise ValueError(f"all {self.rejected} requests were rejected: each needs more KV blocks than an "
+                             f"engine's GPU pool holds ({self.engines[0].gpu.capacity})")
         links = [link for instance in self.links for link in instance.all()]
         return SimResult(
             requests=sorted(self.done, key=lambda sr: sr.index),

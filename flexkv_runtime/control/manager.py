@@ -88,6 +88,8 @@ class CacheManager:
         simulates it, has no such rule; replay turns it off to compare with it."""
         if write_policy not in WRITE_POLICIES:
             raise ValueError(f"unknown write policy {write_policy!r}; valid choices: {list(WRITE_POLICIES)}")
+        if type(selective_hits) is not int or selective_hits < 1:
+            raise ValueError(f"selective_hits must be a whole number >= 1, got {selective_hits!r}")
         kinds = [t.kind for t in tiers]
         if CPU not in kinds:
             raise ValueError("the hierarchy needs a CPU tier: every load and store goes through it")

@@ -163,6 +163,9 @@ class SsdStore:
         self.num_slots = num_slots
         self.block_bytes = block_bytes
         self.stride = ALIGN + _round_up(block_bytes, ALIGN)
+        if max_bytes is not None and max_bytes < self.stride:
+            raise ValueError(f"SSD max_bytes {max_bytes} cannot hold one block: a slot takes {self.stride} bytes "
+                             f"({block_bytes} of data, header and alignment)")
         self.fsync = fsync
         self.max_bytes = max_bytes
         self.recovery_check = recovery_check

@@ -53,6 +53,8 @@ def _parse_record(line: str) -> tuple[int | float, int, int, list[int]]:
             raise ValueError(f"{name} must be >= {least}, got {length}")
     if type(hash_ids) is not list or not all(map(_is_int, hash_ids)):
         raise ValueError("hash_ids must be a list of integers")
+    if hash_ids and (min(hash_ids) < 0 or max(hash_ids) >= 1 << 64):  # block keys are 64-bit: more would collide
+        raise ValueError(f"hash_ids must be in [0, 2**64), got {min(hash_ids)} .. {max(hash_ids)}")
     return timestamp, input_length, output_length, hash_ids
 
 
@@ -72,18 +74,25 @@ def load_mooncake_trace(
         raise ValueError(f"tokens_per_block must be positive, got {tokens_per_block}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0 or None, got {limit}")
-    if not time_scale > 0:
-        raise ValueError(f"time_scale must be positive, got {time_scale}")
+    if not (time_scale > 0 and math.isfinite(time_scale)):
+        raise ValueError(f"time_scale must be a positive finite number, got {time_scale}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"Mooncake trace {path} is a directory: pass the .jsonl file in it")
     if not path.is_file():
         raise FileNotFoundError(f"Mooncake trace not found: {path} (resolved: {path.resolve()})")
     chain = PrefixChainChecker()
     requests: list[Request] = []
     previous_ms: int | float = 0
-    with path.open(encoding="utf-8") as lines:
-        for line_number, line in enumerate(lines, start=1):
+    with path.open("rb") as lines:
+        for line_number, raw in enumerate(lines, start=1):
             if limit is not None and len(requests) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise TraceFormatError(path, line_number, f"not UTF-8 text ({error.reason} at byte {error.start}); "
+                                       "a compressed trace must be decompressed first") from None
             if not line.strip():
                 continue
             try:
@@ -106,4 +115,6 @@ def load_mooncake_trace(
                 raise TraceFormatError(path, line_number, str(error)) from None
             previous_ms = timestamp
             requests.append(request)
+    if not requests and limit != 0:
+        raise ValueError(f"Mooncake trace {path} holds no requests")
     return Workload(name=f"mooncake:{path.stem}", tokens_per_block=tokens_per_block, requests=requests)

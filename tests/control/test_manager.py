@@ -234,6 +234,8 @@ def test_queue_events_count_waiting_references(harness):
         (dict(tiers={"cpu": 4}, admission="nope"), "valid choices"),
         (dict(tiers={"cpu": 4}, prefetch="nope"), "valid choices"),
         (dict(tiers={"cpu": 4}, write_policy="nope"), "valid choices"),
+        (dict(tiers={"cpu": 4}, selective_hits=0), "selective_hits must be a whole number >= 1, got 0"),
+        (dict(tiers={"cpu": 4}, selective_hits="2"), "selective_hits must be a whole number >= 1, got '2'"),
         (dict(tiers={"cpu": -3}), "must be positive"),
         (dict(tiers={"cpu": {"capacity_bytes": 5}}), "cannot hold one block"),
         (dict(tiers={"cpu": {"capacity_bytes": 0}}), "CPU tier capacity must be positive"),

@@ -152,6 +152,14 @@ def test_read_of_a_slot_holding_another_key_fails_without_harming_it(kv, tmp_pat
         store.close()
 
 
+def test_a_max_bytes_cap_below_one_slot_fails_at_start(tmp_path):
+    from flexkv_runtime.data.ssd_store import SsdStore
+
+    with pytest.raises(ValueError, match="SSD max_bytes 10 cannot hold one block: a slot takes 12288 bytes"):
+        SsdStore([tmp_path], "ab" * 8, 4, 8192, io_threads=1, max_bytes=10)
+    assert list(tmp_path.iterdir()) == []  # nothing created
+
+
 def test_max_bytes_cap_fails_the_blocks_that_do_not_fit_and_keeps_serving(make_driver, kv, tmp_path):
     src = kv.make_layers()
     block_bytes = sum(layer[0].nbytes for layer in src)

@@ -5,6 +5,8 @@ import dataclasses
 
 import pytest
 
+from flexkv_sim.engine import EngineConfig
+
 
 def ttft(sr):
     return sr.first_token_s - sr.arrival_s
@@ -88,6 +90,10 @@ def test_requests_longer_than_the_gpu_pool_are_rejected(sim, tiny):
     requests = tiny.workload([(0.0, tuple(range(8)), 128, 1), (0.0, (50,), 16, 1)])
     result = sim(requests, hardware=tiny.hardware(gpu_blocks=4)).run()
     assert result.rejected == 1 and [sr.index for sr in result.requests] == [1]
+    with pytest.raises(ValueError, match=r"all 1 requests were rejected: .* GPU pool holds \(4\)"):
+        sim(tiny.workload([(0.0, tuple(range(8)), 128, 1)]), hardware=tiny.hardware(gpu_blocks=4)).run()
+    with pytest.raises(ValueError, match="has no requests: nothing to simulate"):
+        sim(tiny.workload([]))
 
 
 def test_wait_complete_stop_rule_waits_for_blocks_in_flight_instead_of_recomputing(sim, tiny):
@@ -168,3 +174,13 @@ def test_a_prefill_long_after_the_last_is_slower_and_requests_reach_the_schedule
     assert first.admitted_s == pytest.approx(0.001)
     assert ttft(first) == pytest.approx(0.017) and ttft(second) == pytest.approx(0.017)
     assert ttft(third) == pytest.approx(0.001 + 1.5 * 0.016)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("max_num_seqs", 0, "max_num_seqs must be a whole number >= 1, got 0"),  # the engine loop would never admit
+    ("max_num_batched_tokens", 0, "max_num_batched_tokens must be a whole number >= 1, got 0"),
+    ("arrival_latency_s", -5, "arrival_latency_s must be a number >= 0, got -5"),
+])
+def test_impossible_engine_settings_fail_naming_them(key, value, message):
+    with pytest.raises(ValueError, match=f"simulate.engine: {message}"):
+        EngineConfig.from_config({key: value})

@@ -119,3 +119,41 @@ def test_profile_refuses_steps_that_take_no_time(tmp_path):
     rows = [(1, 10, 0.01), (8, 80, 0.0), (64, 640, 0.1)]
     with pytest.raises(ValueError, match="positive.*row 3"):
         profile(_write_profile(tmp_path / "profile.csv", rows, attention=False))
+
+
+def _hierarchy(**changes) -> dict:
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "hierarchy" / "h100_pcie5_nvme4.yaml"))
+    for path, value in changes.items():
+        *parents, key = path.split("__")
+        section = cfg
+        for parent in parents:
+            section = section[parent]
+        section[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"gpu__mfu": 5}, "hierarchy.gpu: mfu must be a fraction in (0, 1], got 5"),
+    ({"gpu__count": 0}, "hierarchy.gpu: count must be a whole number >= 1, got 0"),
+    ({"gpu__step_overhead_s": -1}, "hierarchy.gpu: step_overhead_s must be a number >= 0, got -1"),
+    ({"pcie__h2d__bandwidth": "50GB"}, "hierarchy.pcie.h2d: bandwidth must be a positive number, got '50GB'"),
+    ({"ssd__devices": 0}, "hierarchy.ssd: devices must be a whole number >= 1, got 0"),
+    ({"ssd__read__queue_depth": 0.5}, "hierarchy.ssd.read: queue_depth must be a whole number >= 1, got 0.5"),
+    ({"cpu__capacity_bytes": 0}, "hierarchy.cpu has no capacity but the SSD tier has one"),
+])
+def test_impossible_hardware_fails_naming_the_setting(changes, message):
+    with pytest.raises(ValueError) as err:
+        HardwareSpec.from_config(_hierarchy(**changes))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("layers", 0, "layers must be a whole number >= 1, got 0"),
+    ("head_dim", 1.5, "head_dim must be a whole number >= 1, got 1.5"),
+    ("params", -1, "params must be a positive number, got -1"),
+    ("kv_heads", None, "kv_heads must be a whole number >= 1, got None"),
+])
+def test_impossible_models_fail_naming_the_setting(key, value, message):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "llama3_1_8b.yaml"))
+    with pytest.raises(ValueError, match=f"model llama3_1_8b: {message}"):
+        ModelSpec.from_config({**cfg, key: value})

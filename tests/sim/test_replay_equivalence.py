@@ -45,3 +45,8 @@ def test_simulator_makes_the_same_hit_and_miss_decisions_as_replay(sim, tiny, ev
     assert sum(t.stats.evictions for t in manager.tiers.values()) == expected.evictions
     assert sum(sr.cached for sr in result.requests) * TPB == expected.prefix_hit_tokens
     assert expected.prefix_hit_tokens > 0 and expected.evictions > 0  # the case is not vacuous
+
+
+def test_a_workload_with_no_requests_is_refused_not_reported_as_zero_hits(tiny):
+    with pytest.raises(ValueError, match="workload test has no requests: nothing to replay"):
+        replay(tiny.workload([]), capacity_blocks=4)

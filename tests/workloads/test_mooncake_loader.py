@@ -74,11 +74,15 @@ def test_small_trace_skips_empty_lines(tmp_path: Path) -> None:
         (_line(hash_ids=(0, 1, 2)), "3 block ids for 600 tokens"),
         (_line(timestamp=999), "timestamp 999 goes back from 1000"),
         (_line(hash_ids=(7, 1)), "chained-prefix rule: block id 1 at position 1 follows 7"),
+        (_line(hash_ids=(0, 2**64)), "hash_ids must be in [0, 2**64), got 0 .. 18446744073709551616"),
+        (_line(hash_ids=(-1, 0)), "hash_ids must be in [0, 2**64)"),
+        ("\udcff\udc8b", "not UTF-8 text (invalid start byte at byte 0); a compressed trace must be decompressed"),
     ],
 )
 def test_bad_line_is_reported_with_file_and_line(tmp_path: Path, bad_line: str, problem: str) -> None:
     trace = tmp_path / "bad.jsonl"
-    trace.write_text("\n".join([_line(0), "", _line(1000), bad_line, _line(2000)]) + "\n")
+    trace.write_bytes(("\n".join([_line(0), "", _line(1000), bad_line, _line(2000)]) + "\n").encode(
+        "utf-8", "surrogateescape"))  # a surrogate escape stands for a byte that is not UTF-8
     with pytest.raises(TraceFormatError) as caught:
         load_mooncake_trace(trace)
     error = caught.value
@@ -98,11 +102,25 @@ def test_missing_file_names_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         load_mooncake_trace(missing)
+    with pytest.raises(IsADirectoryError, match="is a directory: pass the .jsonl file in it"):
+        load_mooncake_trace(tmp_path)
 
 
-@pytest.mark.parametrize("kwargs", [{"tokens_per_block": 0}, {"limit": -1}, {"time_scale": 0.0}])
-def test_bad_arguments(tmp_path: Path, kwargs: dict[str, float]) -> None:
+def test_a_trace_with_no_requests_is_an_error(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("\n  \n")
+    with pytest.raises(ValueError, match="holds no requests"):
+        load_mooncake_trace(trace)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"tokens_per_block": 0}, "tokens_per_block must be positive"),
+    ({"limit": -1}, "limit must be >= 0"),
+    ({"time_scale": 0.0}, "time_scale must be a positive finite number"),
+    ({"time_scale": float("inf")}, "time_scale must be a positive finite number, got inf"),
+])
+def test_bad_arguments(tmp_path: Path, kwargs: dict[str, float], message: str) -> None:
     trace = tmp_path / "t.jsonl"
     trace.write_text(_line() + "\n")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         load_mooncake_trace(trace, **kwargs)
