@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.bench._args import whole, positive
 from experiments.common import PROJECT_ROOT
 from flexkv_runtime.control.config import build_manager
 from flexkv_runtime.control.ops import ImmediateDataPlane
@@ -92,9 +93,11 @@ def run_vllm(keys: list[list[bytes]], capacity: int) -> tuple[float, int, int]:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments bench control_plane", description=__doc__)
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
-    parser.add_argument("--capacity-fraction", type=float, default=0.05)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per side; the best is reported")
+    parser.add_argument("--capacity-fraction", type=positive, default=0.05)
+    parser.add_argument("--repeats", type=whole, default=3, help="runs per side; the best is reported")
     args = parser.parse_args(argv)
+    if args.capacity_fraction > 1:
+        parser.error(f"--capacity-fraction must be at most 1 (the whole trace), got {args.capacity_fraction}")
     if not args.trace.exists():
         print(f"trace not found: {args.trace} (pass --trace PATH)", file=sys.stderr)
         return 2

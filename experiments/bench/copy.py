@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from experiments.bench._args import whole
 from kernels import KVLayout, gather_blocks, scatter_blocks
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.float8_e4m3fn}
@@ -36,14 +37,14 @@ def _parse(argv: list[str]) -> argparse.Namespace:
         help="[num_blocks, kv_heads, block_size, 2*head_dim] or [2, num_blocks, block_size, kv_heads, head_dim]",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--blocks", type=int, default=256, help="blocks copied per batch")
-    parser.add_argument("--cache-blocks", type=int, help="blocks in the engine cache (default: 2 x --blocks)")
-    parser.add_argument("--pool-slots", type=int, help="slots in the pool (default: --blocks, i.e. a permutation)")
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--layers", type=whole, default=32)
+    parser.add_argument("--kv-heads", type=whole, default=8)
+    parser.add_argument("--head-dim", type=whole, default=128)
+    parser.add_argument("--block-size", type=whole, default=16)
+    parser.add_argument("--blocks", type=whole, default=256, help="blocks copied per batch")
+    parser.add_argument("--cache-blocks", type=whole, help="blocks in the engine cache (default: 2 x --blocks)")
+    parser.add_argument("--pool-slots", type=whole, help="slots in the pool (default: --blocks, i.e. a permutation)")
+    parser.add_argument("--iters", type=whole, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

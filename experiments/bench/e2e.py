@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from experiments.bench._args import whole
+
 MODEL = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
     "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
@@ -40,8 +42,8 @@ BLOCK_TOKENS = 32
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments bench e2e", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompt-tokens", type=int, default=8192)
-    parser.add_argument("--reps", type=int, default=3, help="timed runs per case (the first run is not timed)")
+    parser.add_argument("--prompt-tokens", type=whole, default=8192)
+    parser.add_argument("--reps", type=whole, default=3, help="timed runs per case (the first run is not timed)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the model folder and the SSD and example files go (default: a temp dir)")
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)  # one engine, in a child process

@@ -44,6 +44,7 @@ from flexkv_runtime.control.keys import Namespace
 from flexkv_runtime.data.cpu_pool import CpuPool
 from flexkv_runtime.data.remote import RemoteTier, open_store, validated_remote
 from flexkv_runtime.data.remote.trailer import TRAILER_BYTES, remote_key
+from experiments.bench._args import positive, whole
 from experiments.local_stores import LocalStore, start_store
 
 MIB = 1 << 20
@@ -55,17 +56,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments bench remote", description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="mooncake,redis", help="comma-separated: mooncake, redis")
     parser.add_argument("--value-mib", default="1,4", help="comma-separated block sizes, MiB")
-    parser.add_argument("--batch", type=int, default=16, help="blocks per batch call (one transfer op)")
-    parser.add_argument("--ops", type=int, default=4, help="ops per side and repetition, back to back")
-    parser.add_argument("--reps", type=int, default=12, help="repetitions per size, ours and raw alternating")
-    parser.add_argument("--batch-mib", type=float, default=None,
+    parser.add_argument("--batch", type=whole, default=16, help="blocks per batch call (one transfer op)")
+    parser.add_argument("--ops", type=whole, default=4, help="ops per side and repetition, back to back")
+    parser.add_argument("--reps", type=whole, default=12, help="repetitions per size, ours and raw alternating")
+    parser.add_argument("--batch-mib", type=positive, default=None,
                         help="the tier's remote.batch_bytes, MiB (default: the runtime's default)")
     args = parser.parse_args(argv)
     args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     args.block_bytes = [int(float(v) * MIB) for v in args.value_mib.split(",")]
     args.batch_bytes = None if args.batch_mib is None else int(args.batch_mib * MIB)
-    if args.batch <= 0 or args.ops <= 0 or args.reps <= 0 or not args.backends or min(args.block_bytes) <= 0:
-        parser.error("--batch, --ops, --reps and --value-mib must be positive, --backends not empty")
+    if not args.backends or min(args.block_bytes) <= 0:
+        parser.error("--value-mib must be positive, --backends not empty")
     return args
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from experiments.bench._args import whole, wholes
 from experiments.common import CONF_DIR, PROJECT_ROOT
 from flexkv_runtime.control.config import tier_capacity_blocks
 from flexkv_sim.hardware import HardwareSpec
@@ -57,9 +58,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     parser.add_argument("--hierarchy", default="h100_pcie5_nvme4")
     parser.add_argument("--model", default="llama3_1_8b")
-    parser.add_argument("--instances", type=int, default=4)
+    parser.add_argument("--instances", type=whole, default=4)
     parser.add_argument("--router", default="prefix_aware", choices=["round_robin", "prefix_aware"])
-    parser.add_argument("--scales", default="1,2,4", help="trace copies to run, comma separated")
+    parser.add_argument("--scales", type=wholes, default="1,2,4", help="trace copies to run, comma separated")
     args = parser.parse_args(argv)
     if not args.trace.exists():
         print(f"trace not found: {args.trace} (pass --trace PATH)", file=sys.stderr)
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> int:
     started = time.perf_counter()
     trace = load_mooncake_trace(args.trace)
     load_s = time.perf_counter() - started
-    scales = [int(s) for s in args.scales.split(",")]
+    scales = args.scales
     print(f"{trace.name}: {len(trace)} requests; {args.instances} x {args.hierarchy}, {args.model}, "
           f"router {args.router}, LRU; trace loaded in {load_s:.2f} s")
     print(f"{'copies':>6}{'requests':>10}{'keys s':>9}{'wall s':>9}{'cpu s':>8}{'req/wall s':>12}{'sim s':>10}"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from experiments.bench._args import positive, whole
 from experiments.common import PROJECT_ROOT
 from flexkv_runtime.control.keys import Namespace
 from flexkv_runtime.data.cpu_pool import CpuPool
@@ -42,19 +43,21 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments bench ssd", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, default=PROJECT_ROOT / "outputs" / "bench" / "ssd",
                         help="directory on the filesystem to measure (a scratch subdirectory is removed afterwards)")
-    parser.add_argument("--gib", type=float, default=1.0, help="data written and read back, GiB")
-    parser.add_argument("--block-mib", type=float, default=2.0, help="block (and dd I/O) size, MiB")
-    parser.add_argument("--threads", type=int, default=4, help="store reader threads, and as many writers")
-    parser.add_argument("--batch", type=int, default=16, help="blocks per store call (one transfer op)")
-    parser.add_argument("--files-per-dir", type=int, default=1)
+    parser.add_argument("--gib", type=positive, default=1.0, help="data written and read back, GiB")
+    parser.add_argument("--block-mib", type=positive, default=2.0, help="block (and dd I/O) size, MiB")
+    parser.add_argument("--threads", type=whole, default=4, help="store reader threads, and as many writers")
+    parser.add_argument("--batch", type=whole, default=16, help="blocks per store call (one transfer op)")
+    parser.add_argument("--files-per-dir", type=whole, default=1)
     parser.add_argument("--fsync", choices=["batch", "none"], default="batch")
-    parser.add_argument("--rounds", type=int, default=5, help="passes of each kind; rates are their medians")
+    parser.add_argument("--rounds", type=whole, default=5, help="passes of each kind; rates are their medians")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     args.block_bytes = int(args.block_mib * MIB)
     args.blocks = int(args.gib * 1024 * MIB) // args.block_bytes
-    if min(args.block_bytes, args.blocks, args.threads, args.batch, args.rounds) <= 0:
-        parser.error("--gib, --block-mib, --threads, --batch and --rounds must be positive")
+    if args.block_bytes < 1 or args.blocks < 1:
+        parser.error(f"--gib {args.gib} does not hold one block of --block-mib {args.block_mib}")
+    if args.dir.exists() and not args.dir.is_dir():
+        parser.error(f"--dir {args.dir} is not a directory")
     return args
 
 

@@ -107,6 +107,17 @@ def test_unknown_command_and_benchmark_are_refused():
     assert proc.returncode == 2 and "control_plane" in proc.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (("control_plane", "--repeats", "0"), "argument --repeats: must be a whole number >= 1, got '0'"),
+    (("control_plane", "--capacity-fraction", "1.5"), "--capacity-fraction must be at most 1"),
+    (("simulator", "--scales", "1,x"), "argument --scales: must be comma-separated whole numbers >= 1, got '1,x'"),
+    (("ssd", "--gib", "0.0001"), "--gib 0.0001 does not hold one block of --block-mib 2.0"),
+])
+def test_bad_benchmark_arguments_are_refused_naming_the_option(args, message):
+    proc = run("bench", *args, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
 def test_simulator_benchmark_counts_the_block_operations_of_each_copy(tmp_path):
     if not TRACE.exists():
         pytest.skip(f"the shared Mooncake trace is not at {TRACE}")
