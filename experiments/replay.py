@@ -14,14 +14,20 @@ from experiments.common import CONF_DIR, load_workload
 from flexkv_sim.replay import replay
 
 
+REPLAY_KEYS = {"capacity_blocks", "ssd_capacity_blocks", "write_policy", "progress"}
+
+
 @hydra.main(config_path=CONF_DIR, config_name="replay", version_base=None)
 def main(cfg: DictConfig) -> None:
-    workload = load_workload(cfg.workload)
     r = cfg.replay
+    unknown = set(r) - REPLAY_KEYS
+    if unknown:
+        raise ValueError(f"unknown replay keys {sorted(unknown)}; valid: {sorted(REPLAY_KEYS)}")
+    workload = load_workload(cfg.workload)
     result = replay(
         workload,
-        capacity_blocks=int(r.capacity_blocks),
-        ssd_capacity_blocks=int(r.ssd_capacity_blocks),
+        capacity_blocks=r.capacity_blocks,
+        ssd_capacity_blocks=r.ssd_capacity_blocks,
         eviction=OmegaConf.to_container(cfg.eviction),
         admission=OmegaConf.to_container(cfg.admission),
         prefetch=OmegaConf.to_container(cfg.prefetch),

@@ -143,7 +143,8 @@ def replay(
             prompt_tokens += request.input_length
             hit_tokens += min(loaded * tpb, request.input_length)
         wall = time.perf_counter() - started
-    result = summarize(manager, workload, policy_name(eviction), capacity_blocks, ssd_capacity_blocks,
+    capacities = {tier.name: tier.capacity_blocks for tier in manager.tiers.values()}
+    result = summarize(manager, workload, policy_name(eviction), capacities["CPU"], capacities.get("SSD", 0),
                        prompt_tokens, hit_tokens, wall)
     if gpu is not None:
         result.extra.update(gpu_blocks=gpu_blocks, gpu_hit_blocks=gpu_hit_blocks, gpu_evictions=gpu.evictions)

@@ -18,12 +18,19 @@ from flexkv_runtime.policies.base import make_policy
 TIER_NAMES = {"cpu": TierKind.CPU, "ssd": TierKind.SSD, "remote": TierKind.REMOTE}
 
 
+def _whole(name: str, key: str, value: Any) -> int:
+    """``value`` as an int, if it is a whole number (YAML may give ``8e9`` as a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value != int(value):
+        raise ValueError(f"{name} tier {key} must be a whole number, got {value!r}")
+    return int(value)
+
+
 def tier_capacity_blocks(name: str, spec: Mapping[str, Any] | int | None, block_bytes: int) -> int:
     """Blocks a tier holds, from ``{capacity_blocks: N}``, ``{capacity_bytes: B}`` or a bare N."""
     kind = TIER_NAMES[name]
     if spec is None:
         return 0
-    if isinstance(spec, int):
+    if not isinstance(spec, Mapping):
         spec = {"capacity_blocks": spec}
     blocks = spec.get("capacity_blocks")
     nbytes = spec.get("capacity_bytes")
@@ -32,10 +39,10 @@ def tier_capacity_blocks(name: str, spec: Mapping[str, Any] | int | None, block_
     if blocks is not None and nbytes is not None:
         raise ValueError(f"{name} tier: give capacity_blocks or capacity_bytes, not both")
     if blocks is not None:
-        if int(blocks) <= 0:
+        if _whole(name, "capacity_blocks", blocks) <= 0:
             raise ValueError(f"{name} tier capacity_blocks must be positive, got {blocks}")
         return int(blocks)
-    return blocks_for_capacity(kind, int(nbytes), block_bytes)
+    return blocks_for_capacity(kind, _whole(name, "capacity_bytes", nbytes), block_bytes)
 
 
 def _plain(obj: Any) -> Any:

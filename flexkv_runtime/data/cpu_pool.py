@@ -41,13 +41,18 @@ class CpuPool:
         self.stride = -(-(block_bytes + tail_bytes) // align) * align if tail_bytes else block_bytes
         self.pinned = torch.cuda.is_available() if pin == "auto" else bool(pin)
         nbytes = num_slots * self.stride
-        if self.pinned:
-            # cudaHostAlloc hands out page-aligned memory the GPU can DMA from.
-            memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        else:
-            # An anonymous mapping is page-aligned (unlike malloc) and only backed once touched.
-            self._mapping = mmap.mmap(-1, nbytes)
-            memory = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        try:
+            if self.pinned:
+                # cudaHostAlloc hands out page-aligned memory the GPU can DMA from.
+                memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            else:
+                # An anonymous mapping is page-aligned (unlike malloc) and only backed once touched.
+                self._mapping = mmap.mmap(-1, nbytes)
+                memory = torch.frombuffer(self._mapping, dtype=torch.uint8)
+        except (OSError, RuntimeError) as exc:
+            raise MemoryError(f"the CPU tier's pool of {num_slots} slots x {self.stride} bytes ({nbytes / 2**30:.1f} "
+                              f"GiB{', pinned' if self.pinned else ''}) cannot be allocated: {exc}; lower the CPU "
+                              "tier's capacity") from exc
         #: every byte of the pool, tails and padding included (what a zero-copy store registers)
         self.memory: np.ndarray = memory.numpy()
         #: ``[num_slots, block_bytes]``, rows ``stride`` bytes apart: what the copy kernels move

@@ -187,7 +187,11 @@ def policy_class(kind: str, name: str) -> type[Policy]:
         raise ValueError(f"unknown policy kind {kind!r}; valid choices: {list(_BASES)}")
     if ":" in name:
         module_name, _, class_name = name.partition(":")
-        cls = getattr(importlib.import_module(module_name), class_name, None)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(f"{kind} policy {name!r}: cannot import {module_name!r} ({exc})") from exc
+        cls = getattr(module, class_name, None)
         if not (isinstance(cls, type) and issubclass(cls, _BASES[kind])):
             raise ValueError(f"{name!r} is not a {kind} policy class ({_BASES[kind].__name__} subclass)")
         return cls
@@ -200,7 +204,11 @@ def policy_class(kind: str, name: str) -> type[Policy]:
 
 def policy_name(spec: Any) -> str:
     """The policy a config names: a bare name or a mapping's ``name``."""
-    return spec if isinstance(spec, str) else str(spec["name"])
+    if isinstance(spec, str):
+        return spec
+    if not hasattr(spec, "get") or not spec.get("name"):
+        raise ValueError(f"a policy config is a name or a mapping with a 'name', got {spec!r}")
+    return str(spec["name"])
 
 
 def make_policy(kind: str, spec: Any, **fixed: Any) -> Policy:

@@ -52,10 +52,15 @@ def test_unknown_policy_fails_listing_the_choices(tmp_path):
     assert "nope" in proc.stderr and "lru" in proc.stderr
 
 
-def test_impossible_capacity_fails_clearly(tmp_path):
-    proc = run("replay", "workload=chat", "replay.capacity_blocks=0", f"hydra.run.dir={tmp_path}", check=False)
+@pytest.mark.parametrize("override, message", [
+    ("replay.capacity_blocks=0", "cpu tier capacity_blocks must be positive, got 0"),
+    ("replay.capacity_blocks=10GB", "cpu tier capacity_blocks must be a whole number, got '10GB'"),
+    ("+replay.capcity_blocks=10", "unknown replay keys ['capcity_blocks']"),
+])
+def test_impossible_capacity_fails_clearly(tmp_path, override, message):
+    proc = run("replay", "workload=chat", override, f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0
-    assert "cpu tier capacity_blocks must be positive, got 0" in proc.stderr
+    assert message in proc.stderr
 
 
 #: a grid small enough for a test where the policies still differ: a GPU cache of 48 blocks, small tiers

@@ -1,11 +1,13 @@
 """Every config-group YAML names a registered policy and lists exactly its constructor's parameters."""
 import inspect
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from flexkv_runtime.policies import available, make_policy, policy_class
+from flexkv_runtime.policies.base import policy_name
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 KINDS = ("eviction", "admission", "prefetch")
@@ -42,6 +44,20 @@ def test_unknown_name_lists_the_valid_choices():
     message = str(err.value)
     assert "'nope'" in message
     assert all(name in message for name in available("eviction"))
+
+
+@pytest.mark.parametrize("spec, message", [
+    (None, "a policy config is a name or a mapping with a 'name', got None"),
+    ({"small_fraction": 0.1}, "a policy config is a name or a mapping with a 'name'"),
+])
+def test_a_spec_without_a_name_says_so(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        policy_name(spec)
+
+
+def test_a_user_policy_whose_module_is_missing_names_the_setting():
+    with pytest.raises(ValueError, match="eviction policy 'mypkg.mod:Cls': cannot import 'mypkg.mod'"):
+        make_policy("eviction", "mypkg.mod:Cls", capacity_blocks=4)
 
 
 def test_unknown_parameter_fails_with_the_valid_ones():

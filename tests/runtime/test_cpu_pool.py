@@ -55,3 +55,9 @@ def test_the_ssd_store_writes_from_and_reads_into_tailed_rows(tmp_path):
     finally:
         store.close()
     assert (pool.row(3) == data[0]).all() and (pool.row(2) == data[1]).all()
+
+
+def test_a_pool_larger_than_memory_fails_naming_the_tier_and_its_size():
+    with pytest.raises(MemoryError, match=r"CPU tier's pool of 1099511627776 slots x 1048576 bytes \(1073741824\.0 "
+                                          r"GiB\) cannot be allocated: .*lower the CPU tier's capacity"):
+        CpuPool(1 << 40, 1 << 20, pin=False)  # 1 EiB
