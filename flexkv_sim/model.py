@@ -208,6 +208,14 @@ def roofline(model: ModelSpec, gpu: GpuSpec) -> StepTime:
     return StepTime([compute, memory], gpu.step_overhead_s)
 
 
+def _is_number(text: str | None) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def profile(path: str | Path) -> StepTime:
     """Step time fitted to a measured table with columns ``tokens, context, seconds`` and optionally
     ``attention``.
@@ -223,13 +231,23 @@ def profile(path: str | Path) -> StepTime:
     d2 context``, where there are enough of both kinds to fit each.
     """
     with Path(path).open(newline="") as handle:
-        records = list(csv.DictReader(handle))
-    columns = ["tokens", "context", *(["attention"] if records and "attention" in records[0] else [])]
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        records = list(reader)
+    missing = [name for name in ("tokens", "context", "seconds") if name not in header]
+    if missing:
+        raise ValueError(f"profile {path}: the header {header} lacks the column(s) {missing} "
+                         "(tokens, context, [attention,] seconds)")
+    columns = ["tokens", "context", *(["attention"] if "attention" in header else [])]
     if len(records) < len(columns) + 1:
         raise ValueError(f"profile {path} needs at least {len(columns) + 1} rows of {', '.join(columns)}, seconds; "
                          f"got {len(records)}")
-    table = np.array([[float(r[c]) for c in columns] for r in records])
-    seconds = np.array([float(r["seconds"]) for r in records])
+    try:
+        table = np.array([[float(r[c]) for c in columns] for r in records])
+        seconds = np.array([float(r["seconds"]) for r in records])
+    except (TypeError, ValueError):
+        row = next(i for i, r in enumerate(records) if not all(_is_number(r[c]) for c in [*columns, "seconds"]))
+        raise ValueError(f"profile {path}, row {row + 2}: every cell must be a number, got {records[row]}") from None
     if (seconds <= 0).any():
         raise ValueError(f"profile {path}: step times must be positive, row {int(np.argmax(seconds <= 0)) + 2} "
                          f"has {seconds[seconds <= 0][0]}")

@@ -121,6 +121,17 @@ def test_profile_refuses_steps_that_take_no_time(tmp_path):
         profile(_write_profile(tmp_path / "profile.csv", rows, attention=False))
 
 
+@pytest.mark.parametrize("text, message", [
+    ("batch,ctx,time\n1,10,0.01\n", r"lacks the column\(s\) \['tokens', 'context', 'seconds'\]"),
+    ("tokens,context,seconds\n1,10,0.01\n8,80,abc\n64,640,0.1\n", r"row 3: every cell must be a number"),
+])
+def test_a_malformed_profile_names_the_file_and_what_is_wrong(tmp_path, text, message):
+    path = tmp_path / "profile.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"profile {path}.*{message}"):
+        profile(path)
+
+
 def _hierarchy(**changes) -> dict:
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "hierarchy" / "h100_pcie5_nvme4.yaml"))
     for path, value in changes.items():
