@@ -119,6 +119,8 @@ class Simulation:
             raise ValueError(f"instances must be >= 1, got {instances}")
         if clients is not None and clients < 1:
             raise ValueError(f"clients must be >= 1 or null, got {clients}")
+        if not sample_interval_s >= 0:
+            raise ValueError(f"sample_interval_s must be >= 0 (0: no sampling), got {sample_interval_s}")
         if not len(workload):
             raise ValueError(f"workload {workload.name} has no requests: nothing to simulate")
         self.workload = workload

@@ -547,9 +547,10 @@ class SsdStore:
                 except OSError as exc:
                     self._count_failure("write_errors", f"compaction of {d.log_path}: {exc}")
         self.stats.recovered = len(self._live)
-        if newest:
-            log.info("SSD store %s: recovered %d blocks, dropped %d", self.tag, len(self._live),
-                     self.stats.dropped_at_recovery)
+        if newest:  # blocks lost at a restart (a data file removed or cut short) deserve more than INFO
+            log.log(logging.WARNING if self.stats.dropped_at_recovery else logging.INFO,
+                    "SSD store %s: recovered %d blocks, dropped %d", self.tag, len(self._live),
+                    self.stats.dropped_at_recovery)
         return [(e.key, e.parent, slot) for slot, e in sorted(self._live.items())]
 
     def _check_at_rest(self, slot: int, entry: _Entry) -> None:

@@ -72,8 +72,8 @@ def load_mooncake_trace(
     """
     if tokens_per_block <= 0:
         raise ValueError(f"tokens_per_block must be positive, got {tokens_per_block}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0 or None, got {limit}")
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise ValueError(f"limit must be a whole number >= 0 or None, got {limit!r}")
     if not (time_scale > 0 and math.isfinite(time_scale)):
         raise ValueError(f"time_scale must be a positive finite number, got {time_scale}")
     path = Path(path)

@@ -94,6 +94,8 @@ def test_requests_longer_than_the_gpu_pool_are_rejected(sim, tiny):
         sim(tiny.workload([(0.0, tuple(range(8)), 128, 1)]), hardware=tiny.hardware(gpu_blocks=4)).run()
     with pytest.raises(ValueError, match="has no requests: nothing to simulate"):
         sim(tiny.workload([]))
+    with pytest.raises(ValueError, match="sample_interval_s must be >= 0"):
+        sim(tiny.workload([(0.0, (50,), 16, 1)]), sample_interval_s=-1)  # used to turn sampling off silently
 
 
 def test_wait_complete_stop_rule_waits_for_blocks_in_flight_instead_of_recomputing(sim, tiny):
