@@ -92,6 +92,9 @@ def test_requests_longer_than_the_gpu_pool_are_rejected(sim, tiny):
     assert result.rejected == 1 and [sr.index for sr in result.requests] == [1]
     with pytest.raises(ValueError, match=r"all 1 requests were rejected: .* GPU pool holds \(4\)"):
         sim(tiny.workload([(0.0, tuple(range(8)), 128, 1)]), hardware=tiny.hardware(gpu_blocks=4)).run()
+
+
+def test_no_requests_and_a_negative_sample_interval_are_refused(sim, tiny):
     with pytest.raises(ValueError, match="has no requests: nothing to simulate"):
         sim(tiny.workload([]))
     with pytest.raises(ValueError, match="sample_interval_s must be >= 0"):
