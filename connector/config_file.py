@@ -22,6 +22,7 @@ import yaml
 
 from connector.settings import EXTRA_KEYS
 
+
 class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2's numbers: PyYAML (YAML 1.1) reads ``8e9`` and ``8.0e9`` as strings."""
 

@@ -197,4 +197,3 @@ def capacity_from_fraction(workload: Workload, fraction: float) -> int:
     if fraction <= 0:
         raise ValueError(f"capacity fraction must be positive, got {fraction}")
     return max(1, round(workload.num_unique_blocks() * fraction))
-

@@ -1,6 +1,5 @@
 """Manager behaviours found while testing the policies, each as its smallest reproduction
 (regression tests for the fixes)."""
-import pytest
 
 from flexkv_runtime.control.config import build_manager
 from flexkv_runtime.control.index import TierKind
