@@ -125,11 +125,11 @@ class HardwareSpec:
         remote_cfg, remote_capacity = _section(cfg, "remote", ("network",))
         ssd = remote = None
         if ssd_capacity:
+            read, write = _build(LinkSpec, ssd_cfg["read"], "ssd.read"), _build(LinkSpec, ssd_cfg["write"], "ssd.write")
             try:
-                ssd = SsdSpec(ssd_capacity, ssd_cfg.get("devices", 1), _build(LinkSpec, ssd_cfg["read"], "ssd.read"),
-                              _build(LinkSpec, ssd_cfg["write"], "ssd.write"))
+                ssd = SsdSpec(ssd_capacity, ssd_cfg.get("devices", 1), read, write)
             except ValueError as exc:
-                raise ValueError(exc if str(exc).startswith("hierarchy.") else f"hierarchy.ssd: {exc}") from None
+                raise ValueError(f"hierarchy.ssd: {exc}") from None
         if remote_capacity:
             remote = RemoteSpec(remote_capacity, _build(LinkSpec, remote_cfg["network"], "remote.network"))
         if cpu is None and (ssd or remote):

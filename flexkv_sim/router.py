@@ -21,8 +21,8 @@ class PrefixAware:
     """Send a request where it is cheapest, counting both reuse and load (as Dynamo's KV router does).
 
     Cost of an instance = the blocks it would have to prefill (the prompt less the
-    prefix its GPU cache and its own tiers hold) + the blocks
-    of the requests already queued or running there. Pure longest-prefix routing
+    prefix its GPU cache and its own tiers hold) + the blocks of the requests
+    already queued or running there. Pure longest-prefix routing
     would send every request sharing a hot system prompt to one instance; the
     load term spreads them once that instance is busier than a prefill is worth.
     Ties go to the lowest-numbered instance.
