@@ -70,8 +70,8 @@ def load_mooncake_trace(
     ``arrival_s = timestamp_ms / 1000 * time_scale``: 0.5 replays twice as fast.
     Raises FileNotFoundError for a missing file and TraceFormatError for a bad line.
     """
-    if tokens_per_block <= 0:
-        raise ValueError(f"tokens_per_block must be positive, got {tokens_per_block}")
+    if type(tokens_per_block) is not int or tokens_per_block <= 0:
+        raise ValueError(f"tokens_per_block must be a whole number >= 1, got {tokens_per_block!r}")
     if limit is not None and (type(limit) is not int or limit < 0):
         raise ValueError(f"limit must be a whole number >= 0 or None, got {limit!r}")
     if not (time_scale > 0 and math.isfinite(time_scale)):

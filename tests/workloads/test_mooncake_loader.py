@@ -114,7 +114,8 @@ def test_a_trace_with_no_requests_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"tokens_per_block": 0}, "tokens_per_block must be positive"),
+    ({"tokens_per_block": 0}, "tokens_per_block must be a whole number >= 1"),
+    ({"tokens_per_block": "512"}, "tokens_per_block must be a whole number >= 1, got '512'"),
     ({"limit": -1}, "limit must be a whole number >= 0"),
     ({"limit": 2.5}, "limit must be a whole number >= 0 or None, got 2.5"),
     ({"time_scale": 0.0}, "time_scale must be a positive finite number"),
