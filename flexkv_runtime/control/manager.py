@@ -740,6 +740,7 @@ class CacheManager:
         """
         tier = self.tiers[kind]
         by_key = {key: (parent, slot) for key, parent, slot in entries}
+        unclaimed = tier.take_slots(slot for _, slot in by_key.values())
         adopted = 0
 
         def place(key: Hashable) -> Block:
@@ -750,10 +751,9 @@ class CacheManager:
             parent_key, slot = by_key[key]
             parent = place(parent_key) if parent_key in by_key else None
             block = self.index.get_or_create(key, parent)
-            try:
-                tier.take_slot(slot)
-            except ValueError:
+            if slot not in unclaimed:  # out of range, or another block's
                 return block
+            unclaimed.discard(slot)
             block.slots[kind] = slot
             block.ready |= 1 << kind
             tier.eviction.on_insert(key, block)
@@ -762,6 +762,8 @@ class CacheManager:
 
         for key in by_key:
             place(key)
+        for slot in unclaimed:  # taken for a block the index already knew: not adopted, so free again
+            tier.release_slot(slot)
         return adopted
 
     def check_invariants(self) -> None:

@@ -174,7 +174,7 @@ def _adopt(manager: CacheManager, parent: Hashable | None, keys: Sequence[Hashab
     """
     get = manager.index.get
     free = manager.tiers[REMOTE].free_slots
-    slots = iter(free[: len(keys)])  # the front of the list, which ``Tier.take_slot`` finds first
+    slots = iter(free[: len(keys)])
     entries = [(parent, None, -1)] if parent is not None and get(parent) is not None else []
     previous = parent
     for key in keys:
