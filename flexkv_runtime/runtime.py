@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 import kernels
-from flexkv_runtime.control.config import build_manager, tier_capacity_blocks
+from flexkv_runtime.control.config import build_manager, tier_capacity_blocks, whole_number
 from flexkv_runtime.control.index import TierKind
 from flexkv_runtime.control.keys import Namespace
 from flexkv_runtime.control.manager import CacheManager, RequestDone
@@ -342,12 +342,7 @@ def _tier_specs(cfg: Mapping[str, Any], blocks: Mapping[str, int]) -> dict[str, 
 
 def _capacity(spec: Mapping[str, Any], name: str) -> dict[str, int]:
     """The tier's capacity keys alone, as integers (YAML may give ``8e9`` as a float)."""
-    capacity = {}
-    for key in _CAPACITY_KEYS & set(spec):
-        value = spec[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise ValueError(f"{name}.{key} must be a whole number, got {value!r}")
-        capacity[key] = int(value)
+    capacity = {key: whole_number(f"{name}.{key}", spec[key]) for key in _CAPACITY_KEYS & set(spec)}
     if not capacity:
         raise ValueError(f"{name} tier needs capacity_bytes or capacity_blocks")
     return capacity

@@ -6,6 +6,7 @@ an impossible capacity stops start-up with the valid choices in the message.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,10 +19,12 @@ from flexkv_runtime.policies.base import make_policy
 TIER_NAMES = {"cpu": TierKind.CPU, "ssd": TierKind.SSD, "remote": TierKind.REMOTE}
 
 
-def _whole(name: str, key: str, value: Any) -> int:
-    """``value`` as an int, if it is a whole number (YAML may give ``8e9`` as a float)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value != int(value):
-        raise ValueError(f"{name} tier {key} must be a whole number, got {value!r}")
+def whole_number(what: str, value: Any) -> int:
+    """``value`` as an int, if it is a whole number (YAML may give ``8e9`` as a float); else a
+    ValueError naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
     return int(value)
 
 
@@ -39,10 +42,10 @@ def tier_capacity_blocks(name: str, spec: Mapping[str, Any] | int | None, block_
     if blocks is not None and nbytes is not None:
         raise ValueError(f"{name} tier: give capacity_blocks or capacity_bytes, not both")
     if blocks is not None:
-        if _whole(name, "capacity_blocks", blocks) <= 0:
+        if whole_number(f"{name} tier capacity_blocks", blocks) <= 0:
             raise ValueError(f"{name} tier capacity_blocks must be positive, got {blocks}")
         return int(blocks)
-    return blocks_for_capacity(kind, _whole(name, "capacity_bytes", nbytes), block_bytes)
+    return blocks_for_capacity(kind, whole_number(f"{name} tier capacity_bytes", nbytes), block_bytes)
 
 
 def _plain(obj: Any) -> Any:
