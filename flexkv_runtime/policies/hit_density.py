@@ -51,7 +51,7 @@ displace (its best density at any age against the victim's density).
 from __future__ import annotations
 
 import weakref
-from heapq import heapify, heappop, heappush
+from heapq import heapify, heappop, heappush, heapreplace
 
 from flexkv_runtime.policies.base import EvictionPolicy, PolicyContext
 
@@ -370,23 +370,26 @@ class HitDensity(EvictionPolicy):
             self._pending = None
             self._pending_queued = False
 
-    def _detach(self, key, meta) -> None:
-        """``key`` left: a resident parent left with no child in the tier becomes a candidate.
+    def _detach(self, key, meta, push: bool = True) -> list | None:
+        """``key`` left: a resident parent left with no child in the tier becomes a candidate
+        (pushed into its class heap, or returned for the caller to place when not ``push``).
 
         Children are counted by parent key whether or not the parent is resident, so a
         parent that leaves before its children (a reset, a failed copy, every leaf pinned)
         and comes back is still known to have them."""
         parent_key = meta[PARENT]
-        if parent_key is not None:
-            kids = self._kids
-            left = kids[parent_key] - 1
-            if left:
-                kids[parent_key] = left
-            else:
-                del kids[parent_key]
-                parent_meta = self._meta.get(parent_key)
-                if parent_meta is not None:
-                    self._push(parent_meta[CLS], (parent_meta[LAST], parent_key))
+        if parent_key is None:
+            return None
+        kids = self._kids
+        left = kids[parent_key] - 1
+        if left:
+            kids[parent_key] = left
+            return None
+        del kids[parent_key]
+        parent_meta = self._meta.get(parent_key)
+        if parent_meta is not None and push:
+            self._push(parent_meta[CLS], (parent_meta[LAST], parent_key))
+        return parent_meta
 
     def _rebuild(self) -> None:
         """Drop stale heap entries: one entry per resident leaf."""
@@ -408,22 +411,29 @@ class HitDensity(EvictionPolicy):
             last, key = entry
             m = meta.get(key)
             if m is not None and m[LAST] == last and m[CLS] == cls and key not in kids:
-                b = (now - last) >> self._shift
-                if b >= 8:
-                    e = b.bit_length() - 3
-                    b = 4 * e + (b >> e)
-                self._head_entry[cls] = entry
-                if b >= self._last_bin:
-                    self._head_density[cls] = self._density[cls][self._last_bin]
-                    self._head_until[cls] = INF
-                else:
-                    self._head_density[cls] = self._density[cls][b]
-                    self._head_until[cls] = last + self._edges[b + 1]
+                self._set_head(cls, entry, now)
                 return
             heappop(heap)
         self._head_entry[cls] = None
         self._head_density[cls] = INF
         self._head_until[cls] = INF
+
+    def _set_head(self, cls: int, entry: tuple, now: int) -> None:
+        """``entry`` (a live leaf) heads ``cls``: its density at its age, and until when that holds."""
+        last = entry[0]
+        b = (now - last) >> self._shift
+        if b >= 8:
+            e = b.bit_length() - 3
+            b = 4 * e + (b >> e)
+        self._head_entry[cls] = entry
+        if b >= self._last_bin:
+            self._head_density[cls] = self._density[cls][self._last_bin]
+            self._head_until[cls] = INF
+        else:
+            self._head_density[cls] = self._density[cls][b]
+            until = self._head_until[cls] = last + self._edges[b + 1]
+            if until < self._valid_until:
+                self._valid_until = until
 
     def _refresh(self, now: int) -> None:
         """Bring the class heads up to date: those marked dirty, and those whose age crossed a bin."""
@@ -486,24 +496,37 @@ class HitDensity(EvictionPolicy):
         if now >= self._valid_until or len(dirty) > 1:
             self._refresh(now)
         elif dirty:  # most often only the class of the last victim: look at its new head alone
-            cls = dirty.pop()
-            self._head(cls, now)
-            if self._head_until[cls] < self._valid_until:
-                self._valid_until = self._head_until[cls]
+            self._head(dirty.pop(), now)
         density = min(self._head_density)
         cls = self._head_density.index(density) if density != INF else -1
         if cls >= 0 and can_evict(self._head_entry[cls][1]):  # the common case of _candidate
-            key = heappop(self._heaps[cls])[1]
-            self._dirty.add(cls)
+            heap = self._heaps[cls]
+            key = heap[0][1]
+            meta = self._meta.pop(key)
+            parent = self._detach(key, meta, push=False)
+            if parent is not None and parent[CLS] == cls:
+                # a cached prefix shrinks from its end: the parent is most often the class's next
+                # head, so it takes the victim's heap entry and is looked at now, in one step
+                entry = (parent[LAST], parent[KEY])
+                heapreplace(heap, entry)
+                if heap[0] is entry:  # no stale entry is older
+                    self._set_head(cls, entry, now)
+                else:
+                    self._head(cls, now)
+            else:
+                heappop(heap)
+                self._dirty.add(cls)
+                if parent is not None:
+                    self._push(parent[CLS], (parent[LAST], parent[KEY]))
         else:
             found = self._candidate(can_evict)
             if found is None:
                 return None
             density, cls, key = found
             self._forget(cls, key)
+            meta = self._meta.pop(key)
+            self._detach(key, meta)
         self._threshold = density
-        meta = self._meta.pop(key)
-        self._detach(key, meta)
         ghost = self._ghost  # a resident key is in neither generation
         seen = meta[SEEN]
         ghost[key] = (seen if seen < 255 else 255) | (cls + 1) << 8 | meta[LAST] << 16
