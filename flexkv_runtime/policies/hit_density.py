@@ -128,7 +128,10 @@ class HitDensity(EvictionPolicy):
         self._ghost_old: dict = {}
         self._ghost_half = max(1, int(capacity_blocks * ghost_factor) // 2)
         self._pending = None  # the last stored block: a tail unless its child comes next
-        self._run = 0  # blocks stored in a row by the current request
+        # the current run (blocks stored in a row by one request): when it began, and its first-seen
+        # blocks of a class below the largest size class (the request's size may raise them)
+        self._run_start = 0
+        self._young: list[list] = []
         self._pending_queued = False  # whether the pending block is in a heap already
 
         self._now = 0  # tier accesses so far: the age clock
@@ -254,13 +257,11 @@ class HitDensity(EvictionPolicy):
         parent = block.parent
         parent_key = parent.key if parent is not None else None
         pending = self._pending
-        if pending is None:
-            self._run = 1
-        elif pending == parent_key:
-            self._run += 1  # the pending block has a child: it never enters a heap
-        else:
-            self._end_of_request()
-            self._run = 1
+        if pending is None or pending != parent_key:  # else the pending block has a child: it never enters a heap
+            if pending is not None:
+                self._end_of_request()
+            self._run_start = now
+            self._young = []
         packed = self._ghost.pop(key, None) or self._ghost_old.pop(key, None)
         if packed:
             cls = (packed >> 8 & 255) - 1
@@ -283,12 +284,17 @@ class HitDensity(EvictionPolicy):
                 kids[parent_key] += 1
             else:
                 kids[parent_key] = 1  # no longer a leaf: any heap entry of it is stale
-                parent_meta = meta.get(parent_key)
-                if parent_meta is not None:
-                    head = self._head_entry[parent_meta[CLS]]
-                    if head is not None and head[1] == parent_key:
-                        self._dirty.add(parent_meta[CLS])
-        meta[key] = [cls, seen, now, parent_key, depth, key]
+                if parent_key != pending or self._pending_queued:  # else it is in no heap yet
+                    parent_meta = meta.get(parent_key)
+                    if parent_meta is not None:
+                        head = self._head_entry[parent_meta[CLS]]
+                        if head is not None and head[1] == parent_key:
+                            self._dirty.add(parent_meta[CLS])
+        record = meta[key] = [cls, seen, now, parent_key, depth, key]
+        if seen > 1:
+            self._young = []  # blocks stored before this one keep their class: this one is reused
+        elif cls < self.size_classes:
+            self._young.append(record)
         self._pending = key  # enters its class heap when its request ends without a child for it
         self._pending_queued = False
 
@@ -304,15 +310,12 @@ class HitDensity(EvictionPolicy):
         kids = self._kids
         if tail and self.size_classes > 1:
             cls = self._class_of(1, meta[DEPTH] + 1)
-            node, run = meta, self._run
-            while node is not None and run > 0 and node[SEEN] == 1:
+            for node in self._young:
                 if node[CLS] != cls:
                     self._forget(node[CLS], node[KEY])
                     node[CLS] = cls
                     if node is not meta and node[KEY] not in kids:
                         self._push(cls, (node[LAST], node[KEY]))
-                run -= 1
-                node = self._meta.get(node[PARENT]) if node[PARENT] is not None else None
         if key in kids:
             return
         if tail and meta[SEEN] == 1:
@@ -366,6 +369,7 @@ class HitDensity(EvictionPolicy):
             return
         self._forget(meta[CLS], key)
         self._detach(key, meta)
+        self._cut_run(meta)
         if key == self._pending:
             self._pending = None
             self._pending_queued = False
@@ -390,6 +394,14 @@ class HitDensity(EvictionPolicy):
         if parent_meta is not None and push:
             self._push(parent_meta[CLS], (parent_meta[LAST], parent_key))
         return parent_meta
+
+    def _cut_run(self, meta) -> None:
+        """A block left: if it was stored in the current run, the blocks stored before it are no longer
+        the request's prefix and keep their class. (Leaf evictions never take one: the run's blocks
+        all have a child but the pending one.)"""
+        if self._young and meta[LAST] >= self._run_start:
+            depth = meta[DEPTH]
+            self._young = [node for node in self._young if node[DEPTH] > depth]
 
     def _rebuild(self) -> None:
         """Drop stale heap entries: one entry per resident leaf."""
@@ -526,6 +538,7 @@ class HitDensity(EvictionPolicy):
             self._forget(cls, key)
             meta = self._meta.pop(key)
             self._detach(key, meta)
+            self._cut_run(meta)
         self._threshold = density
         ghost = self._ghost  # a resident key is in neither generation
         seen = meta[SEEN]

@@ -80,6 +80,20 @@ def test_a_request_tail_is_classed_apart_and_reuse_is_remembered():
     assert sum(map(sum, t.policy._hits)) >= 2
 
 
+def test_first_seen_blocks_learn_their_request_size_up_to_a_block_that_left():
+    t = Tier(capacity=32, size_classes=3)
+    meta = t.policy._meta
+    t.chain(1, 2, 3, 4, 5)
+    assert [meta[k][0] for k in (1, 2, 3, 4)] == [1, 2, 2, 3]  # for now: at least as long as their depth
+    t.chain(9)  # the request ended at 5 blocks: its blocks are of the largest size class, 5 a tail
+    assert [meta[k][0] for k in (1, 2, 3, 4)] == [3, 3, 3, 3] and meta[5][0] == TAIL
+    t.chain(11, 12, 13, 14)
+    t.policy.on_remove(12)  # gone mid-request: 11 is no longer a prefix of what the request stores
+    t.chain(15, parent=14)
+    t.chain(30)
+    assert (meta[11][0], meta[13][0], meta[14][0], meta[15][0]) == (1, 3, 3, TAIL)
+
+
 def test_admission_defers_to_the_densities_and_counts_refused_sightings():
     t = Tier(capacity=2)
     block = Block(99, None, 1.0)
