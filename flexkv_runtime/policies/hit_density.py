@@ -174,7 +174,7 @@ class HitDensity(EvictionPolicy):
             self._rebuild()  # stale heap entries (blocks used again or evicted) outnumber the leaves
 
     def _bin(self, age: int) -> int:
-        """The histogram bin of ``age``; on_hit, _head and _expire inline it (a call per block saved)."""
+        """The histogram bin of ``age``; on_hit, _set_head and _expire inline it (a call per block saved)."""
         a = age >> self._shift
         if a >= 8:
             e = a.bit_length() - 3
