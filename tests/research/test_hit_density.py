@@ -1,6 +1,8 @@
 """The hit_density eviction and admission policies: through their interface, through the
 CacheManager on a long replay, and against LRU on small synthetic workloads where learning
 the block classes must pay."""
+import random
+
 import pytest
 
 from flexkv_runtime.control.config import build_manager
@@ -168,6 +170,98 @@ def test_a_long_replay_keeps_the_policy_consistent():
     assert set(policy._meta) == {b.key for b in mgr.index.blocks() if CPU in b.slots}
     for key in policy._meta:  # its own child counts match the index's
         assert policy._kids.get(key, 0) == mgr.index.resident_children(mgr.index.get(key), CPU)
+
+
+def ranked_victim(policy, can_evict):
+    """The victim hit_density's rule names, found by ranking every resident leaf directly: in each
+    class the least recently used leaf, valued at its age; the lowest value goes (ties: the lower
+    class). None when that block is pinned (the policy then takes its slow path) or there is none."""
+    heads = {}
+    for key, meta in policy._meta.items():
+        if key in policy._kids or (key == policy._pending and not policy._pending_queued):
+            continue  # not a leaf, or the block being stored (it competes only when nothing else can)
+        cls, last = meta[0], meta[2]
+        if cls not in heads or (last, key) < heads[cls][:2]:
+            heads[cls] = (last, key, policy._density[cls][policy._bin(policy._now - last)])
+    best = min(((density, cls, key) for cls, (_, key, density) in heads.items()), default=None)
+    return best[2] if best is not None and can_evict(best[2]) else None
+
+
+def checking_victims(policy):
+    """Make every ``policy.victim`` call assert that it chose the ranked victim; returns the ones checked."""
+    choose, checked = policy.victim, []
+
+    def victim(can_evict):
+        expected = ranked_victim(policy, can_evict)
+        key = choose(can_evict)
+        if expected is not None:
+            assert key == expected, (len(checked), key, expected)
+            checked.append(key)
+        return key
+
+    policy.victim = victim
+    return checked
+
+
+@pytest.mark.parametrize("admission", ["always", "hit_density"])
+def test_every_victim_in_a_replay_is_the_ranked_one(admission):
+    """The class heads, lazy heaps and cached head densities are shortcuts for the ranking."""
+    workload = build_workload({"type": "chat", "num_sessions": 120, "seed": 5})
+    dp = ImmediateDataPlane()
+    mgr = build_manager(tiers={"cpu": 48}, eviction="hit_density", admission=admission, data_plane=dp,
+                        clock=lambda: 0.0, block_bytes=1)
+    checked = checking_victims(mgr.cpu.eviction)
+    for i, keys in enumerate(workload_keys(workload)):
+        loaded = mgr.plan_load(i, keys, 0, range(mgr.lookup(keys).ready_blocks))
+        mgr.plan_store(i, keys, range(len(keys) - loaded), start=loaded, request_tokens=256 * len(keys))
+        while ops := dp.drain():
+            for op in ops:
+                mgr.complete(op.op_id)
+    assert len(checked) > 0.9 * mgr.cpu.stats.evictions > 1000
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_every_victim_of_a_random_program_is_the_ranked_one(seed):
+    """Branching prefixes, hits, refusals, removals in mid-request and pinned blocks, fed to the policy
+    directly: the paths a replay rarely takes (stale heap entries older than a new head among them)."""
+    rng = random.Random(seed)
+    capacity = rng.choice([8, 16, 40])
+    t = Tier(capacity, size_classes=rng.choice([1, 3, 5]), max_reuse=rng.choice([1, 2, 3]))
+    policy = t.policy
+    checked = checking_victims(policy)
+    resident = set()
+    chains = [[] for _ in range(6)]
+    for step in range(1500):
+        chain = chains[rng.randrange(len(chains))]
+        if rng.random() < 0.3:
+            chain.clear()  # a new conversation
+        elif chain and rng.random() < 0.3:
+            del chain[rng.randrange(len(chain)):]  # the next request branches off an inner block
+        pinned = set(rng.sample(sorted(resident), min(len(resident), rng.choice([0, 0, 1, 3]))))
+        parent = None
+        for depth in range(len(chain) + rng.randint(1, 6)):
+            if depth == len(chain):
+                chain.append((step, depth))
+            key = chain[depth]
+            if key in resident:
+                t.hit(key)
+            else:
+                if len(resident) >= capacity:
+                    gone = policy.victim(lambda k: k not in pinned)
+                    if gone is None:
+                        break
+                    resident.discard(gone)
+                if rng.random() < 0.05 and resident:
+                    gone = rng.choice(sorted(resident))
+                    policy.on_remove(gone)  # dropped: a failed copy, a reset
+                    resident.discard(gone)
+                if rng.random() < 0.03:
+                    policy.sighted(key, Block(key, t.blocks.get(parent), 1.0))  # refused
+                    break
+                t.chain(key, parent=parent)
+                resident.add(key)
+            parent = key
+    assert len(policy) == len(resident) and len(checked) > 1000
 
 
 # ------------------------------------------------------------ it pays off
