@@ -200,10 +200,12 @@ class HitDensity(EvictionPolicy):
         if head is not None and head[1] == key:
             self._dirty.add(cls)
 
-    def _push(self, cls: int, entry: tuple) -> None:
-        heappush(self._heaps[cls], entry)
+    def _push(self, meta: list) -> None:
+        """The block of record ``meta`` (a leaf now) enters its class heap, at its last use."""
+        cls, last = meta[CLS], meta[LAST]
+        heappush(self._heaps[cls], (last, meta[KEY]))
         head = self._head_entry[cls]
-        if head is None or entry[0] <= head[0]:
+        if head is None or last <= head[0]:
             self._dirty.add(cls)
 
     # ------------------------------------------------------------------ ghost
@@ -315,7 +317,7 @@ class HitDensity(EvictionPolicy):
                     self._forget(node[CLS], node[KEY])
                     node[CLS] = cls
                     if node is not meta and node[KEY] not in kids:
-                        self._push(cls, (node[LAST], node[KEY]))
+                        self._push(node)
         if key in kids:
             return
         if tail and meta[SEEN] == 1:
@@ -323,7 +325,7 @@ class HitDensity(EvictionPolicy):
             meta[CLS] = TAIL
         elif queued and (not tail or self.size_classes == 1):
             return
-        self._push(meta[CLS], (meta[LAST], key))  # keeps its age
+        self._push(meta)  # keeps its age
 
     def _queue_pending(self) -> None:
         """Make the pending block a candidate now (a victim is wanted before its request ends)."""
@@ -331,7 +333,7 @@ class HitDensity(EvictionPolicy):
         self._pending_queued = True
         if key not in self._kids:
             meta = self._meta[key]
-            self._push(meta[CLS], (meta[LAST], key))
+            self._push(meta)
 
     def on_hit(self, key, block) -> None:
         now = self._now = self._now + 1
@@ -367,16 +369,22 @@ class HitDensity(EvictionPolicy):
         meta = self._meta.pop(key, None)
         if meta is None:
             return
-        self._forget(meta[CLS], key)
-        self._detach(key, meta)
-        self._cut_run(meta)
+        self._leave(key, meta)
         if key == self._pending:
             self._pending = None
             self._pending_queued = False
 
-    def _detach(self, key, meta, push: bool = True) -> list | None:
-        """``key`` left: a resident parent left with no child in the tier becomes a candidate
-        (pushed into its class heap, or returned for the caller to place when not ``push``).
+    def _leave(self, key, meta) -> None:
+        """``key`` (its record popped) left by another way than ``victim``'s common case."""
+        self._forget(meta[CLS], key)
+        parent = self._detach(meta)
+        if parent is not None:
+            self._push(parent)
+        self._cut_run(meta)
+
+    def _detach(self, meta) -> list | None:
+        """A block left: returns its resident parent's record if that parent has no child in the tier
+        now (a leaf: a candidate again), else None.
 
         Children are counted by parent key whether or not the parent is resident, so a
         parent that leaves before its children (a reset, a failed copy, every leaf pinned)
@@ -390,10 +398,7 @@ class HitDensity(EvictionPolicy):
             kids[parent_key] = left
             return None
         del kids[parent_key]
-        parent_meta = self._meta.get(parent_key)
-        if parent_meta is not None and push:
-            self._push(parent_meta[CLS], (parent_meta[LAST], parent_key))
-        return parent_meta
+        return self._meta.get(parent_key)
 
     def _cut_run(self, meta) -> None:
         """A block left: if it was stored in the current run, the blocks stored before it are no longer
@@ -515,7 +520,7 @@ class HitDensity(EvictionPolicy):
             heap = self._heaps[cls]
             key = heap[0][1]
             meta = self._meta.pop(key)
-            parent = self._detach(key, meta, push=False)
+            parent = self._detach(meta)
             if parent is not None and parent[CLS] == cls:
                 # a cached prefix shrinks from its end: the parent is most often the class's next
                 # head, so it takes the victim's heap entry and is looked at now, in one step
@@ -529,16 +534,14 @@ class HitDensity(EvictionPolicy):
                 heappop(heap)
                 self._dirty.add(cls)
                 if parent is not None:
-                    self._push(parent[CLS], (parent[LAST], parent[KEY]))
+                    self._push(parent)
         else:
             found = self._candidate(can_evict)
             if found is None:
                 return None
             density, cls, key = found
-            self._forget(cls, key)
             meta = self._meta.pop(key)
-            self._detach(key, meta)
-            self._cut_run(meta)
+            self._leave(key, meta)
         self._threshold = density
         ghost = self._ghost  # a resident key is in neither generation
         seen = meta[SEEN]
